@@ -1,0 +1,170 @@
+"""The `winq` command line: thin typer commands over library functions.
+
+Every command turns a winq.WinqError into one red line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="winq",
+    help="WinQ quantization-aware training for Hugging Face causal LMs, exported bit-exactly.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+# options shared by several commands
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help="local Hugging Face model folder; default: the built-in SmolLM2-135M-Instruct (Q4_1 weights)")]
+DataOpt = Annotated[str, typer.Option("--data", help="ptb | sotu | a .txt/.jsonl file or folder")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default: torch's choice)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of a table")]
+
+
+def _fail(e: Exception) -> None:
+    err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+    raise typer.Exit(1)
+
+
+def _run(fn, *a, **kw):
+    from winq.errors import WinqError
+
+    try:  # transformers' own progress bars and warnings would bury ours
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+    try:
+        return fn(*a, **kw)
+    except WinqError as e:
+        _fail(e)
+
+
+@app.command()
+def train(
+    model: ModelOpt = None,
+    data: DataOpt = "ptb",
+    bits: Annotated[int, typer.Option(help="weight bits: 1, 2, 3, 4 or 8")] = 2,
+    grid: Annotated[Optional[str], typer.Option(help="lsq | seq | ternary | binary | affine (default: seq for 2 bits, lsq for 3/4/8, binary for 1)")] = None,
+    group_size: Annotated[int, typer.Option("--group-size", help="-1: one scale per row; else a divisor of every in_features")] = -1,
+    method: Annotated[str, typer.Option(help="winq (reset + noise) or qat (the ParetoQ baseline)")] = "winq",
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 40,
+    lr: Annotated[float, typer.Option(help="peak AdamW learning rate (cosine schedule, 5% warm-up)")] = 5e-5,
+    reinit_every: Annotated[int, typer.Option("--reinit-every", help="WinQ reset period in steps; -1: a quarter of --steps")] = -1,
+    reinit_alpha: Annotated[float, typer.Option("--reinit-alpha", help="reset W <- a W + (1 - a) Q(W)")] = 0.2,
+    noise_sigma: Annotated[float, typer.Option("--noise-sigma", help="std of the training noise on weights and scales")] = 1e-3,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="tokens per training sequence")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="sequences per micro-batch (per process)")] = 2,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="micro-batches per optimizer step")] = 1,
+    precision: Annotated[str, typer.Option(help="fp32 | bf16")] = "fp32",
+    seed: Annotated[int, typer.Option(help="random seed (data order, noise)")] = 0,
+    save_every: Annotated[int, typer.Option("--save-every", help="save a resumable checkpoint every N steps (0: only at the end)")] = 0,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="held-out loss every N steps (0: never)")] = 0,
+    eval_batches: Annotated[int, typer.Option("--eval-batches", help="held-out batches per periodic eval")] = 8,
+    quantize_lm_head: Annotated[bool, typer.Option("--quantize-lm-head", help="quantize the output projection too")] = False,
+    out: Annotated[Path, typer.Option(help="checkpoint folder to write")] = Path("runs/winq"),
+    resume: Annotated[bool, typer.Option(help="continue the run saved in --out (its saved settings are used)")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing checkpoint in --out")] = False,
+    threads: ThreadsOpt = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+):
+    """Quantization-aware training (WinQ or plain QAT); writes a checkpoint folder to --out."""
+    from winq.config import QuantConfig, TrainConfig
+    from winq.train import train as run_train
+
+    def go():
+        qcfg = QuantConfig(bits=bits, grid=grid, group_size=group_size, quantize_lm_head=quantize_lm_head)
+        tcfg = TrainConfig(
+            method=method, steps=steps, lr=lr, reinit_every=reinit_every, reinit_alpha=reinit_alpha,
+            noise_sigma=noise_sigma, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
+            precision=precision, seed=seed, save_every=save_every, eval_every=eval_every, eval_batches=eval_batches,
+        )
+        if resume:
+            err.print(f"resuming {out}: the run's saved settings are used")
+        return run_train(model, data, qcfg, tcfg, out, resume=resume, overwrite=overwrite, progress=progress, threads=threads)
+
+    res = _run(go)
+    out_msg = f"checkpoint: {res.out}  (step {res.step}, final loss {res.final_loss:.4f}, {res.seconds:.0f} s)"
+    Console().print(out_msg, highlight=False)
+
+
+BACKENDS = ("fakequant", "fp")
+
+
+@app.command("eval")
+def eval_cmd(
+    backend: Annotated[str, typer.Option(help="comma-separated: fakequant (a winq checkpoint) | fp (a full-precision HF model)")] = "fakequant",
+    checkpoint: Annotated[Optional[Path], typer.Option(help="winq checkpoint folder (fakequant backend)")] = None,
+    model: ModelOpt = None,
+    data: DataOpt = "ptb",
+    split: Annotated[str, typer.Option(help="train | valid | test")] = "test",
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="evaluate the first N tokens of the split (0: all)")] = 16384,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="window length")] = 512,
+    stride: Annotated[Optional[int], typer.Option(help="window stride (default: seq_len, disjoint windows)")] = None,
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Perplexity on a held-out split with strided windows, for one or more backends on the same token ids."""
+    import torch
+
+    from winq.errors import ConfigError
+
+    names = [b.strip() for b in backend.split(",") if b.strip()]
+
+    def go():
+        bad = [b for b in names if b not in BACKENDS]
+        if bad or not names:
+            raise ConfigError(f"unknown backend {bad[0] if bad else backend!r}: choose from {', '.join(BACKENDS)}")
+        if "fakequant" in names and checkpoint is None:
+            raise ConfigError("backend fakequant needs --checkpoint DIR (a folder written by `winq train`)")
+        if threads:
+            torch.set_num_threads(threads)
+        from winq.checkpoint import load_checkpoint
+        from winq.evaluate import eval_ids, perplexity
+        from winq.models import load_base_model
+
+        results = {}
+        ids = None
+        for name in names:
+            if name == "fakequant":
+                net, tok, info = load_checkpoint(checkpoint)
+            else:
+                net, tok, _ = load_base_model(model)
+            if ids is None:
+                ids = eval_ids(tok, data, split, max_tokens or None)
+            r = perplexity(net, ids, seq_len=seq_len, stride=stride or seq_len, progress=not as_json)
+            results[name] = r.to_dict()
+            del net
+        return results
+
+    results = _run(go)
+    if as_json:
+        print(json.dumps({"data": data, "split": split, "seq_len": seq_len, "stride": stride or seq_len, "results": results}, indent=2))
+        return
+    t = Table(title=f"perplexity on {data}/{split} (windows {seq_len}, stride {stride or seq_len})")
+    for c in ("backend", "ppl", "nll", "tokens", "seconds"):
+        t.add_column(c, justify="right" if c != "backend" else "left")
+    for name, r in results.items():
+        t.add_row(name, f"{r['ppl']:.3f}", f"{r['nll']:.4f}", str(r["tokens"]), f"{r['seconds']:.1f}")
+    out.print(t)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""winq.exporters."""

@@ -1,0 +1,38 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tinymodels import make_model_dir, synthetic_text  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Token caches of tests go to a per-session folder, never the user's ~/.cache/winq (the default model may still be read from it)."""
+    if "WINQ_TEST_KEEP_CACHE" not in os.environ:
+        monkeypatch.setenv("WINQ_CACHE", str(tmp_path_factory.getbasetemp() / "winq-cache"))
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("data") / "train.txt"
+    p.write_text(synthetic_text(600, seed=1))
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("tiny") / "llama", "llama", seed=0)
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (none found)")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)

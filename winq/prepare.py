@@ -1,0 +1,97 @@
+"""prepare / quantized_weights / convert: the module-swap API (after torchao's QAT flow).
+
+    model = AutoModelForCausalLM.from_pretrained(...)
+    prepare(model, QuantConfig(bits=2))          # decoder nn.Linear -> QuantLinear, scales initialised
+    ... train ...
+    qws = quantized_weights(model)               # {module name: QuantizedWeight}
+    convert(model)                               # QuantLinear -> nn.Linear holding the fake-quant weight
+
+Which layers: every nn.Linear of the model except the output embedding (lm_head), unless
+QuantConfig.quantize_lm_head. Embeddings and norms are not Linear and stay as they are.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .config import QuantConfig
+from .errors import ConfigError, ModelError
+from .qlinear import QuantLinear
+from .qweight import QuantizedWeight
+
+
+def _output_embedding_names(model: nn.Module) -> set[str]:
+    names = set()
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    if out is not None:
+        names |= {n for n, m in model.named_modules() if m is out}
+    return names
+
+
+def target_linears(model: nn.Module, cfg: QuantConfig) -> list[str]:
+    """Names of the nn.Linear modules prepare() would quantize."""
+    skip_out = set() if cfg.quantize_lm_head else _output_embedding_names(model)
+    names = []
+    for name, m in model.named_modules():
+        if type(m) is nn.Linear and name not in skip_out and not any(s in name for s in cfg.skip):
+            names.append(name)
+    return names
+
+
+def prepare(model: nn.Module, cfg: QuantConfig, init: bool = True) -> nn.Module:
+    """Swap the decoder's nn.Linear layers for QuantLinear in place and return the model.
+
+    init=False leaves alpha at 1 (use when a checkpoint's state dict is loaded next).
+    """
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ModelError("model is already prepared (it contains QuantLinear layers)")
+    names = target_linears(model, cfg)
+    if not names:
+        kinds = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "weight")})[:8]
+        raise ModelError(
+            "found no torch.nn.Linear layers to quantize; winq supports models built from nn.Linear "
+            f"(Llama, Qwen2, Mistral, ...). This model's weight-bearing modules: {', '.join(kinds)}"
+        )
+    if cfg.group_size != -1:
+        bad = [(n, model.get_submodule(n).in_features) for n in names if model.get_submodule(n).in_features % cfg.group_size]
+        if bad:
+            n, k = bad[0]
+            raise ConfigError(
+                f"group_size={cfg.group_size} does not divide in_features={k} of {n} "
+                f"({len(bad)} layers affected); use -1 (per row) or a divisor of every in_features"
+            )
+    import torch
+
+    for name in names:  # validate everything before swapping anything: a failure leaves the model as it was
+        w = model.get_submodule(name).weight
+        if not torch.isfinite(w).all():
+            raise ModelError(f"{name}.weight contains NaN or Inf; cannot quantize this model")
+    for name in names:
+        lin = model.get_submodule(name)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantLinear.from_linear(lin, cfg.grid, cfg.bits, cfg.group_size, init=init))
+    model.winq_quant_config = cfg
+    return model
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def quantized_weights(model: nn.Module) -> dict[str, QuantizedWeight]:
+    """{module name: QuantizedWeight} for every quantized layer, in module order."""
+    layers = quant_layers(model)
+    if not layers:
+        raise ModelError("model has no quantized layers: call winq.prepare(model, QuantConfig(...)) first")
+    return {n: m.quantized_weight() for n, m in layers.items()}
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace every QuantLinear by an nn.Linear holding its fake-quant weight (in place)."""
+    for name, m in list(quant_layers(model).items()):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, m.to_linear())
+    return model
