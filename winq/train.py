@@ -190,9 +190,17 @@ def train(
         state = load_trainer_state(out)
         if state is None:
             raise CheckpointError(f"{out} has no trainer_state/: it is a final export-only checkpoint and cannot be resumed")
+        if state["json"].get("fsdp"):
+            raise CheckpointError(
+                f"{out} was written by an FSDP run, whose sharded AdamW state winq does not save: exact resume is "
+                "supported for single-process and DDP runs (the weights themselves load with winq.checkpoint.load_checkpoint)"
+            )
     _prepare_out(out, resume, overwrite)
 
-    accelerator = Accelerator(mixed_precision="bf16" if tcfg.precision == "bf16" else "no")
+    # mixed precision is our own autocast (accelerate's is process-global state: two runs in one
+    # process with different precisions would clash)
+    # cpu=True without a GPU: accelerate then runs torchrun-launched CPU processes as DDP over gloo
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
     is_main = accelerator.is_main_process
     torch.manual_seed(tcfg.seed)
@@ -291,7 +299,8 @@ def train(
                 batch = blocks.batch(idx).to(device)
                 sync = micro == tcfg.grad_accum - 1
                 ctx = accelerator.no_sync(model_w) if (not sync and world > 1) else _null()
-                with ctx, accelerator.autocast():
+                amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
+                with ctx, amp:
                     loss = lm_loss(model_w, batch) / tcfg.grad_accum
                 accelerator.backward(loss)
                 loss_sum += loss.detach()
