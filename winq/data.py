@@ -145,13 +145,8 @@ def token_ids(spec: str, split: str, tokenizer, cache: bool = True, progress: bo
     for i, doc in enumerate(iterator):
         if i and eos is not None:
             pieces.append(eos)
-        # long documents (PTB is one 5 MB string) are tokenised in line chunks: same ids, bounded memory
-        lines = doc.split("\n")
-        for j in range(0, len(lines), 2000):
-            chunk = "\n".join(lines[j : j + 2000])
-            if j + 2000 < len(lines):
-                chunk += "\n"
-            pieces.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
+        # each document in one call: splitting it could cut a run of whitespace the tokenizer merges
+        pieces.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
     if len(pieces) < 2:
         raise DataError(f"{spec}/{split}: fewer than 2 tokens after tokenisation")
     ids = torch.tensor(pieces, dtype=torch.int32)
@@ -175,7 +170,7 @@ class PackedBlocks:
             raise DataError(f"only {self.ids.numel()} tokens: need at least seq_len + 1 = {self.seq_len + 1} for one training block")
 
     def __len__(self) -> int:
-        return (self.ids.numel() - 1) // self.seq_len
+        return max(0, (self.ids.numel() - 1) // self.seq_len)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         s = i * self.seq_len

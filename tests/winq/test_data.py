@@ -221,11 +221,7 @@ def test_token_ids_long_document_chunking_gives_same_ids(tmp_path, tok):
     assert ids.tolist() == _direct_ids(tok, [text])
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: line-chunked tokenisation of documents > 2000 lines changes "
-                   "the ids when whitespace at a chunk boundary would merge differently (e.g. blank lines)")
-def test_token_ids_chunking_with_blank_lines_at_boundary(tmp_path):
-    from tinymodels import make_tokenizer
-
+def test_token_ids_long_document_with_blank_lines_matches_direct(tmp_path):
     # a tokenizer that has merges for runs of newlines (trained on text that has them)
     corpus = "\n".join(["alpha beta\n\n\ngamma delta\n\nepsilon  \nzeta"] * 200)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -237,8 +233,9 @@ def test_token_ids_chunking_with_blank_lines_at_boundary(tmp_path):
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     t.train_from_iterator([corpus], trainer)
     tk = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>")
-    del make_tokenizer
-    lines = [f"line {i}" for i in range(1999)] + ["", "", "after the blank lines"] + [f"more {i}" for i in range(100)]
+    # chunk 1 = lines[:2000] ends "line 1999\n", chunk 2 starts "\n\nafter": direct tokenisation sees "\n\n\n"
+    # (pre-tokens "\n\n", "\n") but the chunks give "\n" | "\n", "\n": different ids with a "\n\n" merge
+    lines = [f"line {i}" for i in range(2000)] + ["", "", "after the blank lines"] + [f"more {i}" for i in range(100)]
     text = "\n".join(lines)
     p = _write_jsonl(tmp_path / "blank.jsonl", [text, "second"])
     ids = token_ids(str(p), "train", tk, cache=False)
@@ -345,9 +342,6 @@ def test_batch_indices_visit_every_block_once_per_epoch(n_blocks, batch_size, se
     for e in range(epochs):
         chunk = flat[e * n_blocks : (e + 1) * n_blocks]
         assert sorted(chunk) == list(range(n_blocks))
-    if epochs >= 2 and n_blocks >= 4:  # a new permutation per epoch
-        orders = {tuple(flat[e * n_blocks : (e + 1) * n_blocks]) for e in range(epochs)}
-        assert len(orders) >= 1
 
 
 def test_batch_indices_epochs_are_reshuffled():
