@@ -21,7 +21,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one error, one line, also in logs
 out = Console()
 
 # options shared by several commands
@@ -92,22 +92,26 @@ def train(
             noise_sigma=noise_sigma, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
             precision=precision, seed=seed, save_every=save_every, eval_every=eval_every, eval_batches=eval_batches,
         )
-        if resume:
+        from winq.checkpoint import is_checkpoint
+
+        if resume and is_checkpoint(out):
             err.print(f"resuming {out}: the run's saved settings are used")
         return run_train(model, data, qcfg, tcfg, out, resume=resume, overwrite=overwrite, progress=progress, threads=threads)
 
     res = _run(go)
-    out_msg = f"checkpoint: {res.out}  (step {res.step}, final loss {res.final_loss:.4f}, {res.seconds:.0f} s)"
+    loss = f"final loss {res.final_loss:.4f}" if res.final_loss is not None else "already complete: no steps run"
+    out_msg = f"checkpoint: {res.out}  (step {res.step}, {loss}, {res.seconds:.0f} s)"
     Console().print(out_msg, highlight=False)
 
 
-BACKENDS = ("fakequant", "fp")
+BACKENDS = ("fakequant", "fp", "gptq")
 
 
 @app.command("eval")
 def eval_cmd(
-    backend: Annotated[str, typer.Option(help="comma-separated: fakequant (a winq checkpoint) | fp (a full-precision HF model)")] = "fakequant",
+    backend: Annotated[str, typer.Option(help="comma-separated: fakequant (a winq checkpoint) | fp (a full-precision HF model) | gptq (a `winq export --format gptq` folder)")] = "fakequant",
     checkpoint: Annotated[Optional[Path], typer.Option(help="winq checkpoint folder (fakequant backend)")] = None,
+    gptq: Annotated[Optional[Path], typer.Option("--gptq", help="GPTQ folder (gptq backend; needs pip install \"winq[gptq]\")")] = None,
     model: ModelOpt = None,
     data: DataOpt = "ptb",
     split: Annotated[str, typer.Option(help="train | valid | test")] = "test",
@@ -130,6 +134,8 @@ def eval_cmd(
             raise ConfigError(f"unknown backend {bad[0] if bad else backend!r}: choose from {', '.join(BACKENDS)}")
         if "fakequant" in names and checkpoint is None:
             raise ConfigError("backend fakequant needs --checkpoint DIR (a folder written by `winq train`)")
+        if "gptq" in names and gptq is None:
+            raise ConfigError("backend gptq needs --gptq FOLDER (a folder written by `winq export --format gptq`)")
         if threads:
             torch.set_num_threads(threads)
         from winq.checkpoint import load_checkpoint
@@ -141,6 +147,12 @@ def eval_cmd(
         for name in names:
             if name == "fakequant":
                 net, tok, info = load_checkpoint(checkpoint)
+            elif name == "gptq":
+                from transformers import AutoTokenizer
+
+                from winq.runtime.gptq import load_gptq
+
+                net, tok = load_gptq(gptq), AutoTokenizer.from_pretrained(str(gptq))
             else:
                 net, tok, _ = load_base_model(model)
             if ids is None:
@@ -151,8 +163,11 @@ def eval_cmd(
         return results
 
     results = _run(go)
+    ref = "fakequant" if "fakequant" in results else next(iter(results))
+    rel = {n: r["ppl"] / results[ref]["ppl"] - 1.0 for n, r in results.items() if n != ref}  # same ids, same windows
     if as_json:
-        print(json.dumps({"data": data, "split": split, "seq_len": seq_len, "stride": stride or seq_len, "results": results}, indent=2))
+        print(json.dumps({"data": data, "split": split, "seq_len": seq_len, "stride": stride or seq_len, "results": results,
+                          **({"reference": ref, "ppl_relative_diff": rel} if rel else {})}, indent=2))
         return
     t = Table(title=f"perplexity on {data}/{split} (windows {seq_len}, stride {stride or seq_len})")
     for c in ("backend", "ppl", "nll", "tokens", "seconds"):
@@ -160,6 +175,56 @@ def eval_cmd(
     for name, r in results.items():
         t.add_row(name, f"{r['ppl']:.3f}", f"{r['nll']:.4f}", str(r["tokens"]), f"{r['seconds']:.1f}")
     out.print(t)
+    for name, d in rel.items():
+        out.print(f"{name} vs {ref}: ppl {results[name]['ppl']:.6f} vs {results[ref]['ppl']:.6f}, relative difference {d:+.3e}", highlight=False)
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="winq checkpoint folder (written by `winq train`)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="folder to write (written to a temporary sibling, renamed when verified)")],
+    fmt: Annotated[str, typer.Option("--format", help="export format: gptq")] = "gptq",
+    checkpoint_format: Annotated[Optional[str], typer.Option("--checkpoint-format", help="gptq: gptq (v1, every loader) | gptq_v2 (gptqmodel only); default: v1, or v2 when an affine zero point is 0")] = None,
+    strict: Annotated[bool, typer.Option(help="refuse wider exact containers (seq 2-bit in 3 bits, binary in 2 bits) instead of warning")] = False,
+    float_dtype: Annotated[str, typer.Option("--float-dtype", help="embeddings, norms, lm_head: float16 | float32 | bfloat16")] = "float16",
+    overwrite: Annotated[bool, typer.Option(help="replace an existing export in --out")] = False,
+    as_json: JsonOpt = False,
+):
+    """Export a trained checkpoint bit-exactly (verified by reading the file back); writes winq-export.json."""
+    import warnings
+
+    from winq.exporters import ExportWarning, export
+
+    def go():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExportWarning)  # printed below as notes
+            return export(fmt, checkpoint, out_dir, overwrite=overwrite,
+                          checkpoint_format=checkpoint_format, strict=strict, float_dtype=float_dtype)
+
+    res = _run(go)
+    m = res.manifest
+    if as_json:
+        print(json.dumps({"out": str(res.out), "summary": m["summary"], "info": m["info"], "notes": res.notes}, indent=2))
+        return
+    for note in res.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
+    info = m["info"]
+    group = "per row" if info.get("group_size", -1) == -1 else f"group {info.get('group_size')}"
+    t = Table(title=f"{fmt} export (checkpoint_format {info.get('checkpoint_format', fmt)}) of {checkpoint}: {info.get('grid', '')}, {group}")
+    t.add_column("tensor", no_wrap=True)
+    for c in ("bits", "shape", "bits/w", "max err"):
+        t.add_column(c, justify="right", no_wrap=True)
+    for r in m["tensors"]:
+        bits = f"{r['bits']}" if r["container_bits"] == r["bits"] else f"{r['bits']} in {r['container_bits']}"
+        t.add_row(r["name"], bits, "x".join(map(str, r["shape"])), f"{r['bits_per_weight']:.3f}", f"{r['max_abs_err']:g}")
+    out.print(t)
+    s = m["summary"]
+    out.print(
+        f"wrote {res.out}: {s['tensors']} quantized tensors, max error {s['max_abs_err']:g} (read back from the file), "
+        f"{s['bits_per_weight']:.3f} bits/weight, {s['float_tensors']} tensors in {info.get('float_dtype', '?')}, "
+        f"{res.seconds:.1f} s",
+        highlight=False,
+    )
 
 
 def main() -> None:

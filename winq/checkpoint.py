@@ -73,37 +73,45 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} is a file, not a folder; choose another output path")
+    if out.exists() and not is_checkpoint(out) and any(p.name not in CARRIED for p in out.iterdir()):
+        raise CheckpointError(f"{out} exists and is not a winq checkpoint; refusing to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    sd = state_dict if state_dict is not None else _state_dict_for_save(model)
-    save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt", "winq": FORMAT})
-    model.config.save_pretrained(str(tmp))
-    if getattr(model, "generation_config", None) is not None:
-        try:
-            model.generation_config.save_pretrained(str(tmp))
-        except Exception:  # noqa: BLE001 - generation config is optional metadata; an odd one is not worth failing a save
-            pass
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    info = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "quant": qcfg.to_dict(),
-        "train": tcfg.to_dict() if tcfg is not None else None,
-        "quantized_modules": list(quant_layers(model).keys()),
-        "git_commit": git_commit(),
-        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **(meta or {}),
-    }
-    (tmp / "winq.json").write_text(json.dumps(info, indent=2) + "\n")
-    if trainer_state is not None:
-        ts = tmp / "trainer_state"
-        ts.mkdir()
-        save_file(trainer_state["optimizer"], str(ts / "optimizer.safetensors"))
-        save_file(trainer_state["rng"], str(ts / "rng.safetensors"))
-        (ts / "state.json").write_text(json.dumps(trainer_state["json"], indent=2) + "\n")
+    try:
+        sd = state_dict if state_dict is not None else _state_dict_for_save(model)
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt", "winq": FORMAT})
+        model.config.save_pretrained(str(tmp))
+        if getattr(model, "generation_config", None) is not None:
+            try:
+                model.generation_config.save_pretrained(str(tmp))
+            except Exception:  # noqa: BLE001 - generation config is optional metadata; an odd one is not worth failing a save
+                pass
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        info = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "quant": qcfg.to_dict(),
+            "train": tcfg.to_dict() if tcfg is not None else None,
+            "quantized_modules": list(quant_layers(model).keys()),
+            "git_commit": git_commit(),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **(meta or {}),
+        }
+        (tmp / "winq.json").write_text(json.dumps(info, indent=2) + "\n")
+        if trainer_state is not None:
+            ts = tmp / "trainer_state"
+            ts.mkdir()
+            save_file(trainer_state["optimizer"], str(ts / "optimizer.safetensors"))
+            save_file(trainer_state["rng"], str(ts / "rng.safetensors"))
+            (ts / "state.json").write_text(json.dumps(trainer_state["json"], indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves the previous checkpoint and no debris
+        raise
     # files that live beside the checkpoint (the live metrics log) are carried over
     for name in CARRIED:
         if (out / name).is_file():
@@ -131,10 +139,20 @@ def read_info(path) -> dict:
         info = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{f}: corrupt JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{f}: expected a JSON object, got {type(info).__name__}")
     if info.get("format") != FORMAT:
         raise CheckpointError(f"{f}: format {info.get('format')!r} is not {FORMAT!r}")
-    if info.get("version", 0) > FORMAT_VERSION:
+    if not isinstance(info.get("version"), int):
+        raise CheckpointError(f"{f}: 'version' must be an integer, got {info.get('version')!r}")
+    if info["version"] > FORMAT_VERSION:
         raise CheckpointError(f"{f}: checkpoint version {info['version']} is newer than this winq ({FORMAT_VERSION}); upgrade winq")
+    if not isinstance(info.get("quant"), dict):
+        raise CheckpointError(f"{f}: 'quant' must be an object with the QuantConfig (bits, grid, group_size, ...)")
+    try:
+        QuantConfig.from_dict(info["quant"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{f}: invalid 'quant' settings ({e})") from None
     return info
 
 
@@ -161,7 +179,8 @@ def load_checkpoint(path, device="cpu"):
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{wfile}: corrupt or truncated safetensors file ({e})") from None
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    # a quantized lm_head has its own weight (prepare() unties it): never re-tie it to the embedding
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) and not qcfg.quantize_lm_head else set()
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise CheckpointError(

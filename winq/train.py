@@ -148,6 +148,10 @@ def set_noise(model, sigma: float, generator: torch.Generator | None) -> None:
 def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         return
+    if out.exists() and not is_checkpoint(out) and all(p.name == METRICS for p in out.iterdir()):
+        import shutil
+
+        shutil.rmtree(out)  # the log of an earlier run that failed before its first save
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise CheckpointError(f"{out} already exists: pass --resume to continue that run or --overwrite to replace it")
@@ -287,6 +291,7 @@ def train(
         )
         bar.start()
         task = bar.add_task("train", total=tcfg.steps, completed=start_step, info="")
+    saved_any = is_checkpoint(out)
     try:
         for step in range(start_step, tcfg.steps):
             t0 = time.time()
@@ -346,6 +351,13 @@ def train(
             for cb in callbacks or ():
                 cb(dict(rec, out=str(out)))
         _save(tcfg.steps, final=True)
+    except BaseException:
+        # a run that never saved leaves nothing behind (its live log included)
+        if is_main and not saved_any and not is_checkpoint(out):
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         if bar is not None:
             bar.stop()

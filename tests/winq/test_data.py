@@ -153,6 +153,11 @@ def test_unknown_path_lists_builtins(tmp_path):
     assert "nope.txt" in msg and "ptb" in msg and "sotu" in msg
 
 
+def test_token_ids_unknown_path_raises_data_error(tmp_path, tok):
+    with pytest.raises(DataError, match="ptb"):
+        token_ids(str(tmp_path / "nope.txt"), "train", tok)
+
+
 @pytest.mark.parametrize("spec", ["ptb", "sotu", "FILE"])
 def test_unknown_split_raises(tmp_path, spec):
     if spec == "FILE":
@@ -213,8 +218,8 @@ def test_token_ids_equal_direct_tokenisation_with_eos_between_documents(tmp_path
     assert valid.tolist() == _direct_ids(tok, docs[-2:])
 
 
-def test_token_ids_long_document_chunking_gives_same_ids(tmp_path, tok):
-    # a document of more than 2000 lines is tokenised in line chunks: the ids must not change
+def test_token_ids_long_document_gives_same_ids(tmp_path, tok):
+    # a long document (more than 2000 lines) gives the ids of tokenising it in one call
     text = "\n".join(f"the market rose {i} points" for i in range(4500)) + "\n"
     p = _write_jsonl(tmp_path / "long.jsonl", [text, "a short second document"])
     ids = token_ids(str(p), "train", tok, cache=False)
@@ -233,7 +238,8 @@ def test_token_ids_long_document_with_blank_lines_matches_direct(tmp_path):
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     t.train_from_iterator([corpus], trainer)
     tk = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>")
-    # chunk 1 = lines[:2000] ends "line 1999\n", chunk 2 starts "\n\nafter": direct tokenisation sees "\n\n\n"
+    # regression: documents were once tokenised in 2000-line chunks. Chunk 1 = lines[:2000] would end
+    # "line 1999\n" and chunk 2 start "\n\nafter": direct tokenisation sees "\n\n\n"
     # (pre-tokens "\n\n", "\n") but the chunks give "\n" | "\n", "\n": different ids with a "\n\n" merge
     lines = [f"line {i}" for i in range(2000)] + ["", "", "after the blank lines"] + [f"more {i}" for i in range(100)]
     text = "\n".join(lines)
