@@ -73,13 +73,13 @@ def window_logits(model, ids: torch.Tensor, w: Window, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model, ids: torch.Tensor, seq_len: int = 512, stride: int = 512, device="cpu", progress: bool = False, logits_hook=None) -> EvalResult:
+def perplexity(model, ids: torch.Tensor, seq_len: int = 512, stride: int | None = None, device="cpu", progress: bool = False, logits_hook=None) -> EvalResult:
     """Perplexity of `model` on the id stream (see the module docstring for the windows).
 
     logits_hook(window, logits) is called for every window (e.g. to compare backends).
     """
     model.eval()
-    ws = windows(ids.numel(), seq_len, stride)
+    ws = windows(ids.numel(), seq_len, stride or seq_len)  # default: windows overlapping by one token
     t0 = time.time()
     total, count = 0.0, 0
     it = ws
