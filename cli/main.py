@@ -39,6 +39,11 @@ def _fail(e: Exception) -> None:
 def _run(fn, *a, **kw):
     from winq.errors import WinqError
 
+    import logging
+
+    # optional packages pulled in by extras (torchao via gptqmodel) log import-time noise on every model load
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:  # transformers' own progress bars and warnings would bury ours
         from transformers.utils import logging as hf_logging
 
