@@ -22,7 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True, soft_wrap=True)  # one error, one line, also in logs
-out = Console()
+out = Console(soft_wrap=True)
 
 # options shared by several commands
 ModelOpt = Annotated[Optional[str], typer.Option("--model", help="local Hugging Face model folder; default: the built-in SmolLM2-135M-Instruct (Q4_1 weights)")]
@@ -109,24 +109,26 @@ def train(
     Console().print(out_msg, highlight=False)
 
 
-BACKENDS = ("fakequant", "fp", "gptq")
+BACKENDS = ("fakequant", "packed", "fp", "gptq")
 
 
 @app.command("eval")
 def eval_cmd(
-    backend: Annotated[str, typer.Option(help="comma-separated: fakequant (a winq checkpoint) | fp (a full-precision HF model) | gptq (a `winq export --format gptq` folder)")] = "fakequant",
+    backend: Annotated[str, typer.Option(help="comma-separated: fakequant (a winq checkpoint) | packed (winq's packed runtime: --packed, default --checkpoint) | fp (a full-precision HF model) | gptq (a `winq export --format gptq` folder)")] = "fakequant",
     checkpoint: Annotated[Optional[Path], typer.Option(help="winq checkpoint folder (fakequant backend)")] = None,
+    packed: Annotated[Optional[Path], typer.Option("--packed", help="packed backend: a winq checkpoint or a GPTQ export folder (default: --checkpoint)")] = None,
     gptq: Annotated[Optional[Path], typer.Option("--gptq", help="GPTQ folder (gptq backend; needs pip install \"winq[gptq]\")")] = None,
     model: ModelOpt = None,
     data: DataOpt = "ptb",
     split: Annotated[str, typer.Option(help="train | valid | test")] = "test",
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="evaluate the first N tokens of the split (0: all)")] = 16384,
     seq_len: Annotated[int, typer.Option("--seq-len", help="window length")] = 512,
-    stride: Annotated[Optional[int], typer.Option(help="window stride (default: seq_len, disjoint windows)")] = None,
+    stride: Annotated[Optional[int], typer.Option(help="targets scored per window after the first (default: seq_len - 1, windows overlapping by one token)")] = None,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ):
-    """Perplexity on a held-out split with strided windows, for one or more backends on the same token ids."""
+    """Perplexity of one or more backends on the same token ids and windows; with several, the
+    first (fakequant when listed) is the reference for relative ppl, KL divergence and top-1 agreement."""
     import torch
 
     from winq.errors import ConfigError
@@ -137,48 +139,60 @@ def eval_cmd(
         bad = [b for b in names if b not in BACKENDS]
         if bad or not names:
             raise ConfigError(f"unknown backend {bad[0] if bad else backend!r}: choose from {', '.join(BACKENDS)}")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"backend listed twice in {backend!r}")
         if "fakequant" in names and checkpoint is None:
             raise ConfigError("backend fakequant needs --checkpoint DIR (a folder written by `winq train`)")
+        if "packed" in names and packed is None and checkpoint is None:
+            raise ConfigError("backend packed needs --packed PATH (a winq checkpoint or GPTQ export) or --checkpoint DIR")
         if "gptq" in names and gptq is None:
             raise ConfigError("backend gptq needs --gptq FOLDER (a folder written by `winq export --format gptq`)")
         if threads:
             torch.set_num_threads(threads)
+        from transformers import AutoTokenizer
+
         from winq.checkpoint import load_checkpoint
-        from winq.evaluate import eval_ids, perplexity
+        from winq.evaluate import eval_ids
         from winq.models import load_base_model
+        from winq.runtime.compare import compare, model_logits_fn
 
-        results = {}
-        ids = None
-        for name in names:
+        order = (["fakequant"] if "fakequant" in names else []) + [n for n in names if n != "fakequant"]
+        fns, tok = {}, None
+        for name in order:
             if name == "fakequant":
-                net, tok, info = load_checkpoint(checkpoint)
-            elif name == "gptq":
-                from transformers import AutoTokenizer
+                net, tok, _ = load_checkpoint(checkpoint)
+            elif name == "packed":
+                from winq.runtime.packed import load_packed
 
+                src = packed or checkpoint
+                net = load_packed(src)
+                tok = tok or AutoTokenizer.from_pretrained(str(src))
+            elif name == "gptq":
                 from winq.runtime.gptq import load_gptq
 
-                net, tok = load_gptq(gptq), AutoTokenizer.from_pretrained(str(gptq))
+                net = load_gptq(gptq)
+                tok = tok or AutoTokenizer.from_pretrained(str(gptq))
             else:
-                net, tok, _ = load_base_model(model)
-            if ids is None:
-                ids = eval_ids(tok, data, split, max_tokens or None)
-            r = perplexity(net, ids, seq_len=seq_len, stride=stride or seq_len, progress=not as_json)
-            results[name] = r.to_dict()
-            del net
-        return results
+                net, t, _ = load_base_model(model)
+                tok = tok or t
+            fns[name] = model_logits_fn(net)
+        ids = eval_ids(tok, data, split, max_tokens or None)
+        return compare(fns, ids, seq_len=seq_len, stride=stride, progress=not as_json)
 
-    results = _run(go)
-    ref = "fakequant" if "fakequant" in results else next(iter(results))
-    rel = {n: r["ppl"] / results[ref]["ppl"] - 1.0 for n, r in results.items() if n != ref}  # same ids, same windows
+    res = _run(go)
+    ref, results = res["reference"], res["results"]
+    rel = {n: r["ppl_rel_diff"] for n, r in results.items() if n != ref}
     if as_json:
-        print(json.dumps({"data": data, "split": split, "seq_len": seq_len, "stride": stride or seq_len, "results": results,
+        print(json.dumps({"data": data, "split": split, "seq_len": seq_len, "stride": stride or seq_len - 1, "results": results,
                           **({"reference": ref, "ppl_relative_diff": rel} if rel else {})}, indent=2))
         return
-    t = Table(title=f"perplexity on {data}/{split} (windows {seq_len}, stride {stride or seq_len})")
-    for c in ("backend", "ppl", "nll", "tokens", "seconds"):
-        t.add_column(c, justify="right" if c != "backend" else "left")
+    t = Table(title=f"{data}/{split}: {next(iter(results.values()))['tokens']} tokens, windows of {seq_len}")
+    cols = ("backend", "ppl", "rel. diff", "KL", "top-1 agree", "seconds")
+    for c in cols:
+        t.add_column(c, justify="left" if c == "backend" else "right")
     for name, r in results.items():
-        t.add_row(name, f"{r['ppl']:.3f}", f"{r['nll']:.4f}", str(r["tokens"]), f"{r['seconds']:.1f}")
+        extra = ("reference", "", "") if name == ref else (f"{r['ppl_rel_diff']:+.3e}", f"{r['kl']:.3e}", f"{r['top1_agreement']:.4f}")
+        t.add_row(name, f"{r['ppl']:.6f}", *extra, f"{r['seconds']:.1f}")
     out.print(t)
     for name, d in rel.items():
         out.print(f"{name} vs {ref}: ppl {results[name]['ppl']:.6f} vs {results[ref]['ppl']:.6f}, relative difference {d:+.3e}", highlight=False)

@@ -89,7 +89,7 @@ def test_eval_json(ckpt, text_file):
     assert math.isfinite(res["ppl"]) and res["ppl"] > 1
     assert res["nll"] == pytest.approx(math.log(res["ppl"]), rel=1e-6)
     assert res["tokens"] > 0 and res["windows"] >= 1
-    assert out["seq_len"] == 32 and out["stride"] == 32 and out["split"] == "test"
+    assert out["seq_len"] == 32 and out["stride"] == 31 and out["split"] == "test"
 
 
 def test_eval_fakequant_and_fp_on_the_same_tokens(ckpt, tiny_llama, text_file):
@@ -171,7 +171,7 @@ def test_eval_without_checkpoint(text_file):
 
 
 def test_eval_unknown_backend(ckpt, text_file):
-    assert_clean_error(invoke("eval", "--backend", "fakequant,tensorrt", "--checkpoint", ckpt, "--data", text_file), "tensorrt", "choose from fakequant, fp")
+    assert_clean_error(invoke("eval", "--backend", "fakequant,tensorrt", "--checkpoint", ckpt, "--data", text_file), "tensorrt", "choose from fakequant, packed, fp, gptq")
 
 
 def test_eval_missing_data_file(ckpt, tmp_path):
