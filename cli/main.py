@@ -85,6 +85,7 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="replace an existing checkpoint in --out")] = False,
     threads: ThreadsOpt = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    hessian_every: Annotated[int, typer.Option("--hessian-every", help="log a Hessian spectrum summary into metrics.jsonl every N steps (0: never; costs probes x steps HVPs, see `winq hessian`)")] = 0,
 ):
     """Quantization-aware training (WinQ or plain QAT); writes a checkpoint folder to --out."""
     from winq.config import QuantConfig, TrainConfig
@@ -101,7 +102,8 @@ def train(
 
         if resume and is_checkpoint(out):
             err.print(f"resuming {out}: the run's saved settings are used")
-        return run_train(model, data, qcfg, tcfg, out, resume=resume, overwrite=overwrite, progress=progress, threads=threads)
+        return run_train(model, data, qcfg, tcfg, out, resume=resume, overwrite=overwrite, progress=progress, threads=threads,
+                         hessian_every=hessian_every)
 
     res = _run(go)
     loss = f"final loss {res.final_loss:.4f}" if res.final_loss is not None else "already complete: no steps run"
@@ -244,6 +246,55 @@ def export_cmd(
         f"{res.seconds:.1f} s",
         highlight=False,
     )
+
+
+@app.command("hessian")
+def hessian_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="winq checkpoint folder (written by `winq train`)")],
+    data: DataOpt = "ptb",
+    split: Annotated[str, typer.Option(help="train | valid | test: the fixed batches are the split's first blocks")] = "train",
+    batches: Annotated[int, typer.Option(help="fixed batches the loss is averaged over")] = 4,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="sequences per batch")] = 1,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="tokens per sequence")] = 128,
+    top_k: Annotated[int, typer.Option("--top-k", help="eigenvalues reported at each end")] = 8,
+    probes: Annotated[int, typer.Option(help="Rademacher probes (SLQ density and Hutchinson trace)")] = 8,
+    steps: Annotated[int, typer.Option(help="Lanczos iterations per probe (HVPs = probes x steps; memory = steps x params x 4 bytes)")] = 16,
+    eps: Annotated[float, typer.Option(help="near-zero band |lambda| <= eps x max|lambda|")] = 1e-2,
+    by_type: Annotated[bool, typer.Option("--by-type", help="also attention-only and MLP-only spectra")] = False,
+    seed: Annotated[int, typer.Option(help="probe seed")] = 0,
+    out_json: Annotated[Path, typer.Option("--out", help="JSON to write; the density plot goes beside it (.png)")] = Path("results/hessian.json"),
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Hessian spectrum of the loss w.r.t. the quantized latent weights: extremes, density, near-zero share, trace."""
+    import torch
+
+    def go():
+        if threads:
+            torch.set_num_threads(threads)
+        from winq.analysis import checkpoint_spectrum, plot_density, write_json
+
+        sums, meta = checkpoint_spectrum(checkpoint, data, split, batches, batch_size, seq_len, by_type=by_type,
+                                         top_k=top_k, probes=probes, steps=steps, seed=seed, eps_rel=eps)
+        png = out_json.with_suffix(".png")
+        write_json({**meta, "summaries": {k: s.to_dict() for k, s in sums.items()}}, out_json)
+        plot_density(sums, png, title=f"Hessian density: {checkpoint}")
+        return sums, png
+
+    sums, png = _run(go)
+    if as_json:
+        print(json.dumps({k: s.to_dict(density=False) for k, s in sums.items()}, indent=2))
+        return
+    t = Table(title=f"Hessian of the loss w.r.t. quantized latent weights ({checkpoint}, {data}/{split})")
+    for c in ("params", "n", "loss", "lambda_max", "lambda_min", "trace", "near 0", "pos", "neg", "HVPs", "s"):
+        t.add_column(c, justify="left" if c == "params" else "right")
+    for k, s in sums.items():
+        t.add_row(k, str(s.n_params), f"{s.loss:.4f}", f"{s.top[0]:.4g}", f"{s.bottom[0]:.4g}", f"{s.trace:.4g}",
+                  f"{s.near_zero:.3f}", f"{s.positive_mass:.3f}", f"{s.negative_mass:.3f}", str(s.hvps), f"{s.seconds:.1f}")
+    out.print(t)
+    s = sums["all"]
+    out.print(f"top {', '.join(f'{x:.4g}' for x in s.top)}; bottom {', '.join(f'{x:.4g}' for x in s.bottom)}", highlight=False)
+    out.print(f"wrote {out_json} and {png}", highlight=False)
 
 
 def main() -> None:

@@ -174,8 +174,16 @@ def train(
     callbacks: list[Callable[[dict], None]] | None = None,
     eval_data: str | None = None,
     threads: int | None = None,
+    hessian_every: int = 0,
+    hessian_options: dict | None = None,
 ) -> TrainResult:
-    """Quantization-aware training of `model` (a local HF folder or None for the default) on `data`."""
+    """Quantization-aware training of `model` (a local HF folder or None for the default) on `data`.
+
+    hessian_every=N > 0 adds a "hessian" entry (winq.analysis.HessianSummary.brief()) to the
+    metrics record of every N-th step (after that step's reset, if any), measured on fixed
+    training batches; hessian_options: batches (2), batch_size, seq_len (the run's), and any
+    winq.analysis.spectrum() keyword (top_k 4, probes 2, steps 8 by default). Single process only.
+    """
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
@@ -243,6 +251,15 @@ def train(
     world, rank = accelerator.num_processes, accelerator.process_index
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     R = tcfg.effective_reinit_every
+    hess_batches, hess_kw = None, {}
+    if hessian_every:
+        if hessian_every < 0 or world > 1:
+            raise ConfigError(f"hessian_every={hessian_every}: must be >= 0, and the Hessian log runs in single-process training only (world size {world})")
+        from .analysis import fixed_batches
+
+        hess_kw = {"top_k": 4, "probes": 2, "steps": 8, **(hessian_options or {})}
+        nb, hb, hl = hess_kw.pop("batches", 2), hess_kw.pop("batch_size", tcfg.batch_size), hess_kw.pop("seq_len", tcfg.seq_len)
+        hess_batches = [b.to(device) for b in fixed_batches(blocks.ids, nb, hb, hl)]
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum * tcfg.seq_len * world
 
     if is_main:
@@ -337,6 +354,10 @@ def train(
             }
             if held is not None and (done % tcfg.eval_every == 0 or done == tcfg.steps):
                 rec["eval_loss"] = round(heldout_loss(accelerator.unwrap_model(model_w), held, tcfg.eval_batches * tcfg.batch_size, tcfg.batch_size, device), 6)
+            if hess_batches is not None and done % hessian_every == 0:
+                from .analysis import model_spectrum
+
+                rec["hessian"] = model_spectrum(accelerator.unwrap_model(model_w), hess_batches, **hess_kw).brief()
             records.append(rec)
             if is_main:
                 with open(out / METRICS, "a") as f:
