@@ -111,15 +111,35 @@ def train(
     Console().print(out_msg, highlight=False)
 
 
-BACKENDS = ("fakequant", "packed", "fp", "gptq")
+BACKENDS = ("fakequant", "packed", "fp", "gptq", "llamacpp", "ort")
+
+
+def _tokenizer_for_gguf(path: Path):
+    """The tokenizer of the checkpoint a GGUF was exported from (named in the winq-export.json beside it)."""
+    from transformers import AutoTokenizer
+
+    from winq.errors import ConfigError
+
+    rec = Path(path).parent / "winq-export.json"
+    try:
+        src = json.loads(rec.read_text())["source"]["checkpoint"]
+        return AutoTokenizer.from_pretrained(src)
+    except (OSError, KeyError, ValueError):
+        raise ConfigError(
+            f"cannot find the tokenizer for {path}: pass --checkpoint DIR (the checkpoint it was exported from) "
+            f"or keep its winq-export.json beside it"
+        ) from None
 
 
 @app.command("eval")
 def eval_cmd(
-    backend: Annotated[str, typer.Option(help="comma-separated: fakequant (a winq checkpoint) | packed (winq's packed runtime: --packed, default --checkpoint) | fp (a full-precision HF model) | gptq (a `winq export --format gptq` folder)")] = "fakequant",
+    backend: Annotated[str, typer.Option(help="comma-separated: fakequant (a winq checkpoint) | packed (winq's packed runtime: --packed, default --checkpoint) | fp (a full-precision HF model) | gptq (--gptq FOLDER) | llamacpp (--gguf FILE) | ort (--onnx FOLDER)")] = "fakequant",
     checkpoint: Annotated[Optional[Path], typer.Option(help="winq checkpoint folder (fakequant backend)")] = None,
     packed: Annotated[Optional[Path], typer.Option("--packed", help="packed backend: a winq checkpoint or a GPTQ export folder (default: --checkpoint)")] = None,
     gptq: Annotated[Optional[Path], typer.Option("--gptq", help="GPTQ folder (gptq backend; needs pip install \"winq[gptq]\")")] = None,
+    gguf: Annotated[Optional[Path], typer.Option("--gguf", help="GGUF file (llamacpp backend; needs pip install \"winq[llamacpp]\")")] = None,
+    onnx: Annotated[Optional[Path], typer.Option("--onnx", help="ONNX export folder (ort backend; needs pip install \"winq[onnx]\")")] = None,
+    accuracy_level: Annotated[Optional[int], typer.Option("--accuracy-level", help="ort: override the MatMulNBits accuracy level (0 exact float, 4 int8 activations); default: as exported")] = None,
     model: ModelOpt = None,
     data: DataOpt = "ptb",
     split: Annotated[str, typer.Option(help="train | valid | test")] = "test",
@@ -149,6 +169,12 @@ def eval_cmd(
             raise ConfigError("backend packed needs --packed PATH (a winq checkpoint or GPTQ export) or --checkpoint DIR")
         if "gptq" in names and gptq is None:
             raise ConfigError("backend gptq needs --gptq FOLDER (a folder written by `winq export --format gptq`)")
+        if "llamacpp" in names and gguf is None:
+            raise ConfigError("backend llamacpp needs --gguf FILE (a file written by `winq export --format gguf`)")
+        if "ort" in names and onnx is None:
+            raise ConfigError("backend ort needs --onnx FOLDER (a folder written by `winq export --format onnx`)")
+        if seq_len < 2:
+            raise ConfigError(f"--seq-len must be at least 2, got {seq_len}")
         if threads:
             torch.set_num_threads(threads)
         from transformers import AutoTokenizer
@@ -174,6 +200,18 @@ def eval_cmd(
 
                 net = load_gptq(gptq)
                 tok = tok or AutoTokenizer.from_pretrained(str(gptq))
+            elif name == "llamacpp":
+                from winq.runtime.llamacpp import load_llamacpp
+
+                fns[name] = load_llamacpp(gguf, threads=threads, n_ctx=max(seq_len, 64))
+                tok = tok or _tokenizer_for_gguf(gguf)
+                continue
+            elif name == "ort":
+                from winq.runtime.ort import load_ort
+
+                fns[name] = load_ort(onnx, threads=threads, accuracy_level=accuracy_level)
+                tok = tok or AutoTokenizer.from_pretrained(str(onnx))
+                continue
             else:
                 net, t, _ = load_base_model(model)
                 tok = tok or t
@@ -204,10 +242,15 @@ def eval_cmd(
 def export_cmd(
     checkpoint: Annotated[Path, typer.Option(help="winq checkpoint folder (written by `winq train`)")],
     out_dir: Annotated[Path, typer.Option("--out", help="folder to write (written to a temporary sibling, renamed when verified)")],
-    fmt: Annotated[str, typer.Option("--format", help="export format: gptq")] = "gptq",
+    fmt: Annotated[str, typer.Option("--format", help="export format: gguf (a llama.cpp file) | gptq (a folder) | onnx (a folder)")] = "gptq",
     checkpoint_format: Annotated[Optional[str], typer.Option("--checkpoint-format", help="gptq: gptq (v1, every loader) | gptq_v2 (gptqmodel only); default: v1, or v2 when an affine zero point is 0")] = None,
-    strict: Annotated[bool, typer.Option(help="refuse wider exact containers (seq 2-bit in 3 bits, binary in 2 bits) instead of warning")] = False,
-    float_dtype: Annotated[str, typer.Option("--float-dtype", help="embeddings, norms, lm_head: float16 | float32 | bfloat16")] = "float16",
+    strict: Annotated[Optional[bool], typer.Option("--strict/--no-strict", help="gptq: refuse wider exact containers (seq 2-bit in 3 bits, binary in 2 bits) instead of warning")] = None,
+    float_dtype: Annotated[Optional[str], typer.Option("--float-dtype", help="gptq: embeddings, norms, lm_head: float16 (default) | float32 | bfloat16")] = None,
+    gguf_type: Annotated[Optional[str], typer.Option("--type", help="gguf: auto (tightest exact type, default) | q4_0 | q3_k | q2_k | tq2_0 | tq1_0 | q4_1 | q8_0")] = None,
+    keep: Annotated[Optional[str], typer.Option("--keep", help="gguf: embeddings and lm_head left in float: f16 (default) | f32 | q8_0 (norms stay f32)")] = None,
+    block_size: Annotated[Optional[int], typer.Option("--block-size", help="onnx: MatMulNBits block 16..256, a power of two (default 32)")] = None,
+    accuracy_level: Annotated[Optional[int], typer.Option("--accuracy-level", help="onnx: 0 exact float activations (default) | 4 int8 activations")] = None,
+    two_bit: Annotated[Optional[str], typer.Option("--two-bit", help="onnx: seq 2-bit as container (4-bit, default) | float-zp (2-bit, float zero point 1.5; slow path in ORT)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing export in --out")] = False,
     as_json: JsonOpt = False,
 ):
@@ -216,11 +259,27 @@ def export_cmd(
 
     from winq.exporters import ExportWarning, export
 
+    given = {"checkpoint_format": ("gptq", "--checkpoint-format", checkpoint_format), "strict": ("gptq", "--strict", strict),
+             "float_dtype": ("gptq", "--float-dtype", float_dtype), "type": ("gguf", "--type", gguf_type),
+             "keep": ("gguf", "--keep", keep), "block_size": ("onnx", "--block-size", block_size),
+             "accuracy_level": ("onnx", "--accuracy-level", accuracy_level), "two_bit": ("onnx", "--two-bit", two_bit)}
+
     def go():
+        from winq.errors import ConfigError
+        from winq.exporters import formats
+
+        if fmt not in formats():
+            raise ConfigError(f"unknown export format {fmt!r}: choose one of {', '.join(formats())}")
+        opts = {}
+        for key, (owner, flag, value) in given.items():
+            if value is None:
+                continue
+            if owner != fmt:
+                raise ConfigError(f"{flag} is an option of --format {owner}, not of --format {fmt}")
+            opts[key] = value
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExportWarning)  # printed below as notes
-            return export(fmt, checkpoint, out_dir, overwrite=overwrite,
-                          checkpoint_format=checkpoint_format, strict=strict, float_dtype=float_dtype)
+            return export(fmt, checkpoint, out_dir, overwrite=overwrite, **opts)
 
     res = _run(go)
     m = res.manifest
@@ -231,18 +290,21 @@ def export_cmd(
         err.print(f"[yellow]note:[/] {note}", highlight=False)
     info = m["info"]
     group = "per row" if info.get("group_size", -1) == -1 else f"group {info.get('group_size')}"
-    t = Table(title=f"{fmt} export (checkpoint_format {info.get('checkpoint_format', fmt)}) of {checkpoint}: {info.get('grid', '')}, {group}")
+    detail = {"gptq": f"checkpoint_format {info.get('checkpoint_format')}", "gguf": f"{info.get('arch')}, types {', '.join(info.get('types', []))}"}.get(fmt, "")
+    t = Table(title=f"{fmt} export ({detail}) of {checkpoint}: {info.get('grid', '')}, {group}" if detail else f"{fmt} export of {checkpoint}")
     t.add_column("tensor", no_wrap=True)
-    for c in ("bits", "shape", "bits/w", "max err"):
+    for c in ("bits", "stored as", "shape", "bits/w", "max err"):
         t.add_column(c, justify="right", no_wrap=True)
     for r in m["tensors"]:
         bits = f"{r['bits']}" if r["container_bits"] == r["bits"] else f"{r['bits']} in {r['container_bits']}"
-        t.add_row(r["name"], bits, "x".join(map(str, r["shape"])), f"{r['bits_per_weight']:.3f}", f"{r['max_abs_err']:g}")
+        stored = r["container"].split(":")[0] if fmt == "gguf" else ("native" if r["container"] == "native" else "container")
+        t.add_row(r["name"], bits, stored, "x".join(map(str, r["shape"])), f"{r['bits_per_weight']:.3f}", f"{r['max_abs_err']:g}")
     out.print(t)
     s = m["summary"]
+    rec = f" (record: {res.out.parent / 'winq-export.json'})" if res.out.is_file() else ""
     out.print(
-        f"wrote {res.out}: {s['tensors']} quantized tensors, max error {s['max_abs_err']:g} (read back from the file), "
-        f"{s['bits_per_weight']:.3f} bits/weight, {s['float_tensors']} tensors in {info.get('float_dtype', '?')}, "
+        f"wrote {res.out}{rec}: {s['tensors']} quantized tensors, max error {s['max_abs_err']:g} (read back from the file), "
+        f"{s['bits_per_weight']:.3f} bits/weight, {s['float_tensors']} tensors in {info.get('float_dtype') or info.get('keep') or 'float'}, "
         f"{res.seconds:.1f} s",
         highlight=False,
     )
@@ -295,6 +357,10 @@ def hessian_cmd(
     s = sums["all"]
     out.print(f"top {', '.join(f'{x:.4g}' for x in s.top)}; bottom {', '.join(f'{x:.4g}' for x in s.bottom)}", highlight=False)
     out.print(f"wrote {out_json} and {png}", highlight=False)
+
+
+# `winq bench` and `winq inspect` live in cli/tools.py; importing it registers them on `app`
+from winq.cli import tools as _tools  # noqa: E402,F401
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 from winq.errors import ConfigError, WinqError
 
 # built-in formats: name -> module that registers it (imported on first use)
-BUILTIN = {"gptq": "winq.exporters.gptq"}
+BUILTIN = {"gptq": "winq.exporters.gptq", "gguf": "winq.exporters.gguf", "onnx": "winq.exporters.onnx"}
 
 _REGISTRY: dict[str, type] = {}
 
@@ -100,6 +100,33 @@ def _is_export(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 
 
+def _check_single_out(out: Path, overwrite: bool) -> None:
+    """A single-file artifact (model.gguf) may replace only a winq export of the same name, with overwrite."""
+    import json
+
+    from .manifest import MANIFEST
+
+    if out.is_dir():
+        raise ExportError(f"{out} is a folder: give the file to write, e.g. {out / 'model.gguf'}")
+    record = out.parent / MANIFEST
+    owner = None
+    if record.is_file():
+        try:
+            owner = json.loads(record.read_text()).get("artifact")
+        except (json.JSONDecodeError, AttributeError):
+            owner = "?"
+    if out.exists():
+        if owner != out.name:
+            raise ExportError(f"{out} exists and is not a winq export (no {MANIFEST} beside it names it); refusing to overwrite it")
+        if not overwrite:
+            raise ExportError(f"{out} already holds an export: pass --overwrite to replace it")
+    elif owner is not None and owner != out.name and not overwrite:
+        raise ExportError(
+            f"{out.parent} already holds the {MANIFEST} of another export ({owner}); write to another folder "
+            f"(one export per folder) or pass --overwrite to replace that record"
+        )
+
+
 def export(fmt: str, checkpoint, out, overwrite: bool = False, model=None, **opts) -> ExportResult:
     """Export the winq checkpoint folder `checkpoint` to `out` in format `fmt`.
 
@@ -117,8 +144,11 @@ def export(fmt: str, checkpoint, out, overwrite: bool = False, model=None, **opt
     options = exporter.options(**opts)  # validate before any heavy work
     checkpoint = Path(checkpoint)
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not _is_export(out):
+    single = getattr(exporter, "single_file", None)  # formats written as one file (gguf): record beside it
+    if single:
+        _check_single_out(out, overwrite)
+    elif out.exists() and (out.is_file() or any(out.iterdir())):
+        if out.is_file() or not _is_export(out):
             raise ExportError(f"{out} exists and is not a winq export (no winq-export.json); refusing to overwrite it")
         if not overwrite:
             raise ExportError(f"{out} already holds an export: pass --overwrite to replace it")
@@ -142,12 +172,20 @@ def export(fmt: str, checkpoint, out, overwrite: bool = False, model=None, **opt
                 f"{fmt} export does not read back exactly: {len(bad)} tensors differ from the trained quantizer "
                 f"(first: {n}, max abs error {e:g}); nothing was written to {out}"
             )
-        manifest = write_manifest(tmp, fmt, options, checkpoint, info, written)
-        old = _tmp_sibling(out, "old")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        manifest = write_manifest(tmp, fmt, options, checkpoint, info, written, artifact=out.name)
+        if single:
+            from .manifest import MANIFEST
+
+            # the record first: a crash between the two renames leaves a record without its file, never a file without one
+            os.replace(tmp / MANIFEST, out.parent / MANIFEST)
+            os.replace(tmp / single, out)
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            old = _tmp_sibling(out, "old")
+            if out.exists():
+                os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

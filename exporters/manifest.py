@@ -63,7 +63,7 @@ def _jsonable(x):
     return x
 
 
-def write_manifest(folder, fmt: str, options, checkpoint, ckpt_info: dict, written) -> dict:
+def write_manifest(folder, fmt: str, options, checkpoint, ckpt_info: dict, written, artifact: str | None = None) -> dict:
     """Write folder/winq-export.json and return its content."""
     import winq
     from winq.checkpoint import git_commit
@@ -75,6 +75,7 @@ def write_manifest(folder, fmt: str, options, checkpoint, ckpt_info: dict, writt
     manifest = {
         "format": fmt,
         "format_version": MANIFEST_VERSION,
+        "artifact": artifact,  # the export's file or folder name (a GGUF file's record lies beside it)
         "winq_version": winq.__version__,
         "git_commit": git_commit(),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
