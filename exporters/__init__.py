@@ -181,11 +181,9 @@ def export(fmt: str, checkpoint, out, overwrite: bool = False, model=None, **opt
             os.replace(tmp / single, out)
             shutil.rmtree(tmp, ignore_errors=True)
         else:
-            old = _tmp_sibling(out, "old")
-            if out.exists():
-                os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            from winq.fsutil import swap_into_place
+
+            swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -117,15 +117,12 @@ def save_checkpoint(
         if (out / name).is_file():
             shutil.copy2(out / name, tmp / name)
     # swap into place: the old folder (if any) is moved aside first, then removed
-    old = out.with_name(f".{out.name}.old{os.getpid()}")
-    if out.exists():
-        if not is_checkpoint(out) and any(p.name not in CARRIED for p in out.iterdir()):
-            shutil.rmtree(tmp)
-            raise CheckpointError(f"{out} exists and is not a winq checkpoint; refusing to overwrite it")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+    if out.exists() and not is_checkpoint(out) and any(p.name not in CARRIED for p in out.iterdir()):
+        shutil.rmtree(tmp)
+        raise CheckpointError(f"{out} exists and is not a winq checkpoint; refusing to overwrite it")
+    from .fsutil import swap_into_place
+
+    return swap_into_place(tmp, out)
 
 
 def read_info(path) -> dict:

@@ -25,11 +25,24 @@ def winq(*args):
     return r.stdout
 
 
-@pytest.mark.parametrize("bits,types,max_gap", [(4, {"Q4_0"}, 5e-3), (2, {"Q2_K", "Q4_0"}, 1e-2)])
-def test_default_model_gguf_runs_in_llamacpp(tmp_path, bits, types, max_gap):
-    """max_gap: measured on 30-step default runs over 16k PTB tokens: +0.33% at 4 bits (ppl 77.9);
-    on these 2-step runs and 1,024 tokens we allow 0.5% (4-bit) and 1% (2-bit, a model far from converged)."""
+@pytest.mark.parametrize("bits,types", [(4, {"Q4_0"}), (2, {"Q2_K", "Q4_0"})])
+def test_default_model_gguf_runs_in_llamacpp(tmp_path, bits, types):
+    """Weights: max error 0 in the file. Graph: llama.cpp running the same dequantized weights
+    stored as F32 matches the fake-quant logits (measured max |dlogit| 3e-4 on a 2-bit run).
+    Quantized file: llama.cpp quantizes activations to 8 bits in its dot products. At 4 bits the
+    perplexity gap was +0.33% on 16k tokens (30-step run); we allow 0.5% on 1,024 tokens. A 2-step
+    2-bit model is far from converged (ppl in the millions, logits up to ~30) and there 8-bit
+    activations move perplexity by up to 15% and flip 38% of the top-1 choices even where the lead
+    exceeds 1.0 (measured), so at 2 bits the F32-graph check and exactness are what is asserted."""
     pytest.importorskip("llama_cpp", reason='needs llama-cpp-python: pip install "winq[llamacpp]"')
+    import torch
+    from transformers import AutoTokenizer
+
+    from winq.checkpoint import load_checkpoint
+    from winq.evaluate import eval_ids
+    from winq.exporters.gguf import write_f16_gguf
+    from winq.runtime.llamacpp import load_llamacpp, tokenize
+
     ck = tmp_path / "ck"
     winq("train", "--steps", 2, "--seq-len", 64, "--bits", bits, "--out", ck, "--no-progress", "--threads", 2)
     out = tmp_path / "gguf" / "model.gguf"
@@ -39,13 +52,26 @@ def test_default_model_gguf_runs_in_llamacpp(tmp_path, bits, types, max_gap):
     # transformers rebuilds the default model's tokenizer from the Q4_1 GGUF with a plain byte-level
     # pre-tokenizer (no per-digit split), so llama.cpp must use "gpt-2" to tokenize as it does
     assert m["info"]["pre_tokenizer"] == "gpt-2"
-    from winq.runtime.llamacpp import tokenize
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(str(ck))
     text = "The year 2024 had 366 days; it's 3.14 times — “naïve” <|im_start|>user"
     assert tokenize(out, text) == tok(text, add_special_tokens=False)["input_ids"]
-    r = json.loads(winq("eval", "--backend", "fakequant,llamacpp", "--checkpoint", ck, "--gguf", out,
-                        "--max-tokens", 1024, "--seq-len", 256, "--json", "--threads", 2))
-    assert abs(r["ppl_relative_diff"]["llamacpp"]) < max_gap, r
-    assert r["results"]["llamacpp"]["top1_agreement"] > 0.9
+
+    torch.set_num_threads(2)
+    net, tok, _ = load_checkpoint(ck)
+    ids = eval_ids(tok, "ptb", "test", 1024)[:256]
+    with torch.no_grad():
+        ref = net(input_ids=ids[None]).logits[0]
+    f32 = write_f16_gguf(ck, tmp_path / "f32" / "model.gguf", keep="f32")
+    same = load_llamacpp(f32, threads=2, n_ctx=256)(ids)
+    assert (same - ref).abs().max() < 1e-2
+    got = load_llamacpp(out, threads=2, n_ctx=256)(ids)
+    assert got.shape == ref.shape and torch.isfinite(got).all()
+    if bits == 4:
+        top2 = ref.topk(2, dim=-1).values
+        confident = (top2[:, 0] - top2[:, 1]) > 1.0
+        assert confident.sum() > 5
+        assert (got.argmax(-1)[confident] == ref.argmax(-1)[confident]).float().mean() >= 0.95
+        r = json.loads(winq("eval", "--backend", "fakequant,llamacpp", "--checkpoint", ck, "--gguf", out,
+                            "--max-tokens", 1024, "--seq-len", 256, "--json", "--threads", 2))
+        assert abs(r["ppl_relative_diff"]["llamacpp"]) < 5e-3, r
+        assert r["results"]["llamacpp"]["top1_agreement"] > 0.9
