@@ -307,10 +307,13 @@ def add_tokenizer(w, folder: Path, tokenizer, config, arch: str) -> dict:
         raise ConfigError(f"{folder} has no tokenizer.json: GGUF export needs a fast (tokenizers) BPE tokenizer")
     tj = json.loads(tj_path.read_text())
     model = tj.get("model", {})
+    if model.get("type") == "BPE" and model.get("byte_fallback") and _is_spm_normalizer(tj):
+        return _add_spm_tokenizer(w, tj, tokenizer, config)
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise ConfigError(
-            f"GGUF export writes byte-level BPE tokenizers (gpt2 style); this one is {model.get('type')}"
-            f"{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}"
+            f"GGUF export writes byte-level BPE tokenizers (gpt2 style) and SentencePiece-style BPE with byte "
+            f"fallback (llama style); this one is {model.get('type')}"
+            f"{' with byte fallback but without the SentencePiece normalizer' if model.get('byte_fallback') else ''}"
         )
     pre = _pre_tokenizer(tj, arch)
     vocab = dict(model["vocab"])
@@ -339,6 +342,12 @@ def add_tokenizer(w, folder: Path, tokenizer, config, arch: str) -> dict:
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
+    special = _add_special(w, tokenizer, config)
+    return {"tokenizer": "gpt2", "pre_tokenizer": pre, "n_tokens": n_vocab, "merges": len(merges), **special}
+
+
+def _add_special(w, tokenizer, config) -> dict:
+    """Special token ids, add_bos / add_eos as the HF tokenizer does, the chat template."""
     special = {}
     for kind, setter in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id), ("pad", w.add_pad_token_id)):
         tid = getattr(tokenizer, f"{kind}_token_id", None)
@@ -359,8 +368,65 @@ def add_tokenizer(w, folder: Path, tokenizer, config, arch: str) -> dict:
     tmpl = getattr(tokenizer, "chat_template", None)
     if isinstance(tmpl, str) and tmpl:
         w.add_chat_template(tmpl)
-    return {"tokenizer": "gpt2", "pre_tokenizer": pre, "n_tokens": n_vocab, "merges": len(merges),
-            "add_bos": add_bos, "add_eos": add_eos, **{f"{k}_id": v for k, v in special.items()}}
+    return {"add_bos": add_bos, "add_eos": add_eos, **{f"{k}_id": v for k, v in special.items()}}
+
+
+def _is_spm_normalizer(tj: dict) -> bool:
+    """Llama-style fast tokenizers: normalizer prepends "▁" and turns spaces into "▁", no pre-tokenizer."""
+    norm = tj.get("normalizer") or {}
+    parts = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+    kinds = {p.get("type") for p in parts}
+    return "Prepend" in kinds and "Replace" in kinds and not tj.get("pre_tokenizer")
+
+
+def _add_spm_tokenizer(w, tj: dict, tokenizer, config) -> dict:
+    """SentencePiece-style BPE (byte fallback): llama.cpp's `llama` tokenizer model.
+
+    llama.cpp merges the adjacent pair whose merged token has the highest score; Hugging Face
+    applies merges by rank. Scoring every token -(rank of the merge that makes it) (single
+    characters and byte tokens below every merge) gives both the same order."""
+    from gguf import TokenType
+
+    model = tj["model"]
+    vocab = dict(model["vocab"])
+    added = {t["content"]: t for t in tj.get("added_tokens", [])}
+    for a in added.values():
+        vocab[a["content"]] = a["id"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    rank = {}
+    for i, m in enumerate(merges):
+        a, b = m.split(" ", 1)
+        rank.setdefault(a + b, i)
+    n_vocab = int(config.vocab_size)
+    by_id = {i: t for t, i in vocab.items()}
+    if max(by_id) >= n_vocab:
+        raise ConfigError(f"tokenizer has ids up to {max(by_id)} but the model's vocab_size is {n_vocab}")
+    unk = model.get("unk_token")
+    tokens, scores, types = [], [], []
+    floor = -float(len(merges) + 1)
+    for i in range(n_vocab):
+        t = by_id.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]"), scores.append(floor - 1), types.append(TokenType.UNUSED)
+            continue
+        tokens.append(t)
+        scores.append(-float(rank[t]) if t in rank else floor)
+        if t in added:
+            types.append(TokenType.CONTROL if added[t].get("special") else TokenType.USER_DEFINED)
+        elif t == unk:
+            types.append(TokenType.UNKNOWN)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t):
+            types.append(TokenType.BYTE)
+        else:
+            types.append(TokenType.NORMAL)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_add_space_prefix(True)
+    special = _add_special(w, tokenizer, config)
+    return {"tokenizer": "llama", "pre_tokenizer": "default", "n_tokens": n_vocab, "merges": len(merges), **special}
 
 
 def add_hparams(w, config, arch: str) -> dict:

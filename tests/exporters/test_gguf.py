@@ -322,6 +322,8 @@ def _tokenizer_dir(tmp_path: Path, kind: str) -> Path:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+    if kind == "llama-spm":
+        return _spm_tokenizer_dir(tmp_path)
     if kind == "smollm":
         pre = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     elif kind == "qwen2":
@@ -346,7 +348,32 @@ def _tokenizer_dir(tmp_path: Path, kind: str) -> Path:
     return d
 
 
-@pytest.mark.parametrize("kind", ["gpt-2", "smollm", "qwen2"])
+def _spm_tokenizer_dir(tmp_path: Path) -> Path:
+    """A Llama-2-style fast tokenizer: BPE with byte fallback, "▁" normalizer, no pre-tokenizer."""
+    from tinymodels import make_config, synthetic_text
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    text = synthetic_text(300) + "\nIn 2024, 1,234 people paid $56.78 (about 9%) for it's 'x' -- don't!\n"
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens])
+    tk.train_from_iterator(text.splitlines(), trainer)
+    from tokenizers.processors import TemplateProcessing
+
+    tk.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(make_config("llama", len(tok), hidden=64, inter=128), dtype=torch.float32)
+    d = tmp_path / "llama-spm"
+    model.save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    return d
+
+
+@pytest.mark.parametrize("kind", ["gpt-2", "smollm", "qwen2", "llama-spm"])
 def test_llamacpp_tokenizes_like_transformers(tmp_path, kind):
     need_llamacpp()
     from transformers import AutoTokenizer
@@ -356,8 +383,13 @@ def test_llamacpp_tokenizes_like_transformers(tmp_path, kind):
     base = _tokenizer_dir(tmp_path, kind)
     ck = make_checkpoint(base, tmp_path / "ck", "lsq", 4, -1)
     res = export("gguf", ck, tmp_path / "e" / "model.gguf")
-    assert res.manifest["info"]["pre_tokenizer"] == kind
+    info = res.manifest["info"]
+    assert (info["tokenizer"], info["pre_tokenizer"]) == (("llama", "default") if kind == "llama-spm" else ("gpt2", kind))
     tok = AutoTokenizer.from_pretrained(str(ck))
+    if kind == "llama-spm":
+        assert info["add_bos"] is True
+        s = "the market rose"
+        assert tokenize(res.out, s, add_bos=True) == tok(s)["input_ids"]
     sentences = [
         "the market rose sharply today",
         "In 2024, 1,234 investors paid $56.78 (about 9%) -- don't they?",
