@@ -204,7 +204,7 @@ def eval_cmd(
                 from winq.runtime.llamacpp import load_llamacpp
 
                 fns[name] = load_llamacpp(gguf, threads=threads, n_ctx=max(seq_len, 64))
-                tok = tok or _tokenizer_for_gguf(gguf)
+                tok = tok or (AutoTokenizer.from_pretrained(str(checkpoint)) if checkpoint else _tokenizer_for_gguf(gguf))
                 continue
             elif name == "ort":
                 from winq.runtime.ort import load_ort

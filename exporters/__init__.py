@@ -4,9 +4,10 @@
     res = export("gptq", "runs/winq", "runs/winq-gptq", checkpoint_format="gptq")
     res.out, res.manifest["tensors"][0]["max_abs_err"]      # 0.0: read back from the written file
 
-A format is a class registered under its name (`@register("gptq")`) with three methods:
+A format is an `Exporter` subclass registered under its name (`@register("gptq")`) with an
+`Options` dataclass and three methods:
 
-    options(**opts)                          -> a frozen, validated options object
+    options(**opts)                          -> a frozen, validated options object (shared)
     write(folder, model, qweights, tokenizer, ckpt, options) -> Written (tensor records, notes)
     verify(folder, qweights, written)        -> {tensor name: max |dequant(file) - QuantizedWeight.dequantize()|}
 
@@ -56,6 +57,23 @@ def register(name: str):
         return cls
 
     return deco
+
+
+class Exporter:
+    """Base of every format: `Options` is the format's frozen options dataclass; `options(**opts)`
+    rejects unknown keys (naming the valid ones) and lets the dataclass validate the values."""
+
+    name = "?"
+    Options: type
+
+    def options(self, **opts):
+        from dataclasses import fields
+
+        names = [f.name for f in fields(self.Options)]
+        unknown = sorted(set(opts) - set(names))
+        if unknown:
+            raise ConfigError(f"{self.name} export: unknown option {', '.join(unknown)}; options are {', '.join(names)}")
+        return self.Options(**opts)
 
 
 def formats() -> tuple[str, ...]:
@@ -192,4 +210,4 @@ def export(fmt: str, checkpoint, out, overwrite: bool = False, model=None, **opt
     return ExportResult(out=out, manifest=manifest, notes=list(written.notes), seconds=time.time() - t0)
 
 
-__all__ = ["register", "get_exporter", "formats", "export", "ExportError", "ExportWarning", "ExportResult", "Written"]
+__all__ = ["Exporter", "register", "get_exporter", "formats", "export", "ExportError", "ExportWarning", "ExportResult", "Written"]

@@ -35,7 +35,7 @@ import torch
 from winq.errors import ConfigError
 from winq.qweight import QuantizedWeight
 
-from . import ExportError, Written, register
+from . import Exporter, ExportError, Written, register
 from .gguf_blocks import BLOCKS, encode_q2_k, encode_q3_k, encode_q4_0, encode_q4_1, encode_q8_0, encode_tq1_0, encode_tq2_0
 from .manifest import FloatRecord, TensorRecord
 
@@ -579,17 +579,12 @@ def _file_type(records, opt) -> int:
 
 
 @register("gguf")
-class GGUFExporter:
+class GGUFExporter(Exporter):
     """`winq export --format gguf`: see the module docstring."""
 
     name = "gguf"
+    Options = GGUFOptions
     single_file = FILE  # export() moves this file to --out and writes winq-export.json beside it
-
-    def options(self, **opts) -> GGUFOptions:
-        try:
-            return GGUFOptions(**opts)
-        except TypeError as e:
-            raise ConfigError(f"gguf export: {e}; options are type, keep") from None
 
     def write(self, folder: Path, model, qws: dict[str, QuantizedWeight], tokenizer, checkpoint: Path, opt: GGUFOptions) -> Written:
         from winq.checkpoint import read_info

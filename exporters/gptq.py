@@ -59,7 +59,7 @@ from winq.grids import GridSpec
 from winq.packing import pack, period, unpack
 from winq.qweight import QuantizedWeight
 
-from . import ExportError, Written, register
+from . import Exporter, ExportError, Written, register
 from .manifest import FloatRecord, TensorRecord
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")  # v1 (zero fields store z - 1) | v2 (store z)
@@ -276,16 +276,11 @@ def _float_state(model, quant: set[str]) -> dict[str, torch.Tensor]:
 
 
 @register("gptq")
-class GPTQExporter:
+class GPTQExporter(Exporter):
     """`winq export --format gptq`: see the module docstring."""
 
     name = "gptq"
-
-    def options(self, **opts) -> GPTQOptions:
-        try:
-            return GPTQOptions(**opts)
-        except TypeError as e:
-            raise ConfigError(f"gptq export: {e}; options are checkpoint_format, strict, float_dtype") from None
+    Options = GPTQOptions
 
     def write(self, folder: Path, model, qws: dict[str, QuantizedWeight], tokenizer, checkpoint: Path, opt: GPTQOptions) -> Written:
         from safetensors.torch import save_file

@@ -68,7 +68,7 @@ from winq.errors import ConfigError, MissingDependencyError
 from winq.grids import GridSpec
 from winq.qweight import QuantizedWeight
 
-from . import ExportError, Written, register
+from . import Exporter, ExportError, Written, register
 from .manifest import FloatRecord, TensorRecord
 
 OPSET = 18  # the TorchScript exporter's tested opset for these models
@@ -635,16 +635,11 @@ def genai_config(config, tokenizer) -> dict:
 
 
 @register("onnx")
-class ONNXExporter:
+class ONNXExporter(Exporter):
     """`winq export --format onnx`: see the module docstring."""
 
     name = "onnx"
-
-    def options(self, **opts) -> ONNXOptions:
-        unknown = sorted(set(opts) - {"block_size", "accuracy_level", "two_bit"})
-        if unknown:
-            raise ConfigError(f"onnx export: unknown option {', '.join(unknown)}; options are block_size, accuracy_level, two_bit")
-        return ONNXOptions(**opts)
+    Options = ONNXOptions
 
     def write(self, folder: Path, model, qws: dict[str, QuantizedWeight], tokenizer, checkpoint: Path, opt: ONNXOptions) -> Written:
         onnx, _ = require_onnx()

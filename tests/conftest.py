@@ -16,6 +16,12 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
         monkeypatch.setenv("WINQ_CACHE", str(tmp_path_factory.getbasetemp() / "winq-cache"))
 
 
+@pytest.fixture
+def user_cache(monkeypatch):
+    """Slow tests read the built-in default model from the user's cache (converted once), not a per-test one."""
+    monkeypatch.setenv("WINQ_CACHE", os.environ.get("WINQ_REAL_CACHE") or str(Path.home() / ".cache" / "winq"))
+
+
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("data") / "train.txt"

@@ -60,3 +60,15 @@ def make_model_dir(path: Path, arch: str = "llama", seed: int = 0, text: str | N
     model.save_pretrained(str(path))
     tok.save_pretrained(str(path))
     return path
+
+
+def default_checkpoint(out: Path, **quant):
+    """The built-in default model prepare()d with QuantConfig(**quant), saved untrained: (checkpoint, model, tokenizer)."""
+    import winq
+    from winq.checkpoint import save_checkpoint
+    from winq.models import load_base_model
+
+    net, tok, _ = load_base_model(None)
+    cfg = winq.QuantConfig(**quant)
+    ck = save_checkpoint(out, winq.prepare(net, cfg), tok, cfg, None)
+    return ck, net, tok

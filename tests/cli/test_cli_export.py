@@ -100,6 +100,6 @@ def test_eval_fakequant_and_llamacpp(ck4, gguf_file, text_file):
     assert list(res) == ["fakequant", "llamacpp"]
     assert res["llamacpp"]["tokens"] == res["fakequant"]["tokens"] > 300
     assert math.isfinite(res["llamacpp"]["ppl"])
-    # exact weights; llama.cpp's 8-bit activations and F16 embeddings leave a small gap (measured 1e-4..1e-3 here)
+    # exact weights; llama.cpp's 8-bit activations leave a small gap (below 6.3e-4 on the tiny models of test_gguf.py)
     assert abs(out["ppl_relative_diff"]["llamacpp"]) < 5e-3
     assert res["llamacpp"]["kl"] < 1e-2 and res["llamacpp"]["top1_agreement"] > 0.9

@@ -213,6 +213,8 @@ def test_export_refuses_unknown_options_and_leaves_nothing(bases, tmp_path):
     out = tmp_path / "e" / "model.gguf"
     with pytest.raises(ConfigError, match="unknown GGUF type 'q5_k'"):
         export("gguf", ck, out, type="q5_k")
+    with pytest.raises(ConfigError, match="unknown option block_size; options are type, keep"):
+        export("gguf", ck, out, block_size=32)
     with pytest.raises(ConfigError, match="choose one of f16, f32, q8_0"):
         export("gguf", ck, out, keep="bf16")
     with pytest.raises(ConfigError, match="cannot hold lsq 4-bit"):
@@ -291,9 +293,9 @@ def _ppl(logits: torch.Tensor, ids: torch.Tensor) -> float:
 def test_llamacpp_runs_the_export_like_the_fake_quant_model(exports, case):
     """Weights are bit-exact; llama.cpp quantizes activations to 8 bits inside its dot products
     (Q8_0 / Q8_K), so logits differ slightly. Measured on these tiny models: relative ppl
-    difference at most 1.1e-3 (seq2, qwen2) and max |dlogit| <= 0.025; we allow 5e-3. Wherever the
-    fake-quant model's top-1 leads its runner-up by more than 0.1 (3-4x the largest logit
-    error), llama.cpp must pick the same token."""
+    difference at most 6.3e-4 in magnitude (seq2 on qwen2) and max |dlogit| 0.024 over CASES;
+    we allow 5e-3. Wherever the fake-quant model's top-1 leads its runner-up by more than 0.1
+    (4x the largest logit error), llama.cpp must pick the same token."""
     need_llamacpp()
     from tinymodels import synthetic_text
     from transformers import AutoTokenizer

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -14,9 +12,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(autouse=True)
-def _user_cache(monkeypatch):
-    real = os.environ.get("WINQ_REAL_CACHE") or str(Path.home() / ".cache" / "winq")
-    monkeypatch.setenv("WINQ_CACHE", real)
+def _user_cache(user_cache):
+    """The default model comes from the user's cache (tests/conftest.py)."""
 
 
 def winq(*args):

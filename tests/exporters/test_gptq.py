@@ -427,18 +427,13 @@ def test_cli_eval_fakequant_vs_gptq(cli_export, text_file):
 
 
 @pytest.mark.slow
-def test_default_model_exports_and_loads_exactly(tmp_path, monkeypatch):
+def test_default_model_exports_and_loads_exactly(tmp_path, user_cache):
     need_gptqmodel()
-    monkeypatch.setenv("WINQ_CACHE", os.environ.get("WINQ_REAL_CACHE") or str(Path.home() / ".cache" / "winq"))
-    from winq.checkpoint import save_checkpoint
-    from winq.models import default_model_dir, load_base_model
+    from tinymodels import default_checkpoint
     from winq.runtime.gptq import gptq_layers, load_gptq
 
     torch.set_num_threads(2)
-    default_model_dir()
-    net, tok, _ = load_base_model(None)
-    cfg = winq.QuantConfig(bits=4, group_size=64)
-    ck = save_checkpoint(tmp_path / "ck", winq.prepare(net, cfg), tok, cfg, None)
+    ck, net, tok = default_checkpoint(tmp_path / "ck", bits=4, group_size=64)
     del net
     res = export("gptq", ck, tmp_path / "gptq", float_dtype="float32")
     assert res.manifest["summary"]["tensors"] == 210 and res.manifest["summary"]["max_abs_err"] == 0.0

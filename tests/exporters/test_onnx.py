@@ -6,7 +6,6 @@ atomic writes. Needs `pip install "winq[onnx]"` (onnx + onnxruntime).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -450,19 +449,14 @@ def test_imports_stay_light():
 
 
 @pytest.mark.slow
-def test_default_model_exports_exactly(tmp_path, monkeypatch):
-    monkeypatch.setenv("WINQ_CACHE", os.environ.get("WINQ_REAL_CACHE") or str(Path.home() / ".cache" / "winq"))
-    from winq.checkpoint import save_checkpoint
+def test_default_model_exports_exactly(tmp_path, user_cache):
+    from tinymodels import default_checkpoint
     from winq.evaluate import eval_ids
-    from winq.models import default_model_dir, load_base_model
     from winq.runtime.compare import compare, model_logits_fn
     from winq.runtime.ort import load_ort
 
     torch.set_num_threads(2)
-    default_model_dir()
-    net, tok, _ = load_base_model(None)
-    cfg = winq.QuantConfig(bits=4, group_size=64)
-    ck = save_checkpoint(tmp_path / "ck", winq.prepare(net, cfg), tok, cfg, None)
+    ck, net, tok = default_checkpoint(tmp_path / "ck", bits=4, group_size=64)
     res = export("onnx", ck, tmp_path / "onnx", model=(net, tok, json.loads((ck / "winq.json").read_text())))
     assert res.manifest["summary"]["tensors"] == 210 and res.manifest["summary"]["max_abs_err"] == 0.0
     ids = eval_ids(tok, "ptb", "test", 384)

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(autouse=True)
-def _user_cache(monkeypatch):
-    """The default model is converted once into the user's cache (not the per-test one)."""
-    real = os.environ.get("WINQ_REAL_CACHE") or str(Path.home() / ".cache" / "winq")
-    monkeypatch.setenv("WINQ_CACHE", real)
+def _user_cache(user_cache):
+    """The default model is converted once into the user's cache (tests/conftest.py), not the per-test one."""
 
 
 def test_default_model_converts_and_predicts():
