@@ -1,16 +1,34 @@
-"""WinQ vs plain QAT (ParetoQ) convergence on the default model, side by side.
+"""Does WinQ converge faster than plain QAT (ParetoQ)? The study, with the evidence for its answer.
 
-For each setting (2-bit seq, 4-bit lsq, per-row by default) the two methods run with the
-same seed, data, schedule and step budget; WinQ resets W <- 0.2 W + 0.8 Q(W) every
-quarter of the budget (as the reference scales its period) and adds sigma = 1e-3 noise.
-Held-out loss (fixed PTB-valid blocks) is logged every --eval-every steps.
+A WinQ reset W <- 0.2 W + 0.8 Q(W) keeps every code and parks each weight >= 0.4 step from a
+rounding boundary; codes move again only once the weights have travelled that far. The
+reference resets every 60k steps at lr 2e-5 (about one step s of travel per interval, after
+QAT has plateaued); a short run that resets every quarter of its budget copies the ratio, not
+the travel. So every run logs winq.diagnostics (flip_rate, oscillation, boundary_margin,
+travel, lr_travel) and the study compares, with the same seed, data order, schedule and budget:
 
-Both methods of a setting run at the same time, in two processes with --threads each, so
-their per-step times are measured under the same load (the ratio is the figure to trust on
-a shared 2-core machine). Writes results/convergence.json and results/convergence.png.
+  phase 1  cost: seconds per step and peak RSS of plain fp32 fine-tuning, QAT and WinQ, with the
+           fused quantizer and the old composite one (autograd over W + noise, W / alpha, ...)
+           and with/without the diagnostics; default model, one process at a time
+           today's regime on the default model (lr 1e-4, reset every quarter): qat vs winq
+           pretraining of the small model (benchmarks/small_model.py) for phases 2-3
+  phase 2  lr sweep, qat vs winq (fixed reset every quarter), 2-bit seq, on the small model: a
+           travel-rich regime (hundreds of cheap steps), though 2-bit weights cost that weak model
+           almost nothing, so there is little for QAT to recover
+  phase 3  on the default model, where 2-bit quantization is what QAT must recover: qat, winq,
+           reset-only (noise 0), noise-only (no reset), winq-travel and winq-plateau
+           (--reinit-every auto), 2-bit seq x 2 seeds and 4-bit lsq, at lr 1e-3 (where QAT did best
+           among 1e-4 / 1e-3 in the issue's probes), plus qat vs winq at the other swept lrs
 
-    python benchmarks/convergence.py                      # the CPU budget used for the README
-    python benchmarks/convergence.py --steps 20000 --seq-len 1024 --batch-size 8 --threads 0   # GPU scale
+Runs go through `winq train` as subprocesses, `--workers` at a time with `--threads` torch
+threads each (QAT and WinQ of a setting side by side, so their step times see the same load).
+Writes results/convergence.json (+ .png). The figure that counts: the step at which each method
+first reaches QAT's final held-out loss, and QAT steps / that step.
+
+    python benchmarks/convergence.py                     # the CPU study (about 2 hours on 2 cores)
+    python benchmarks/convergence.py --preset gpu        # the same study sized for one H100 (unmeasured)
+    python benchmarks/convergence.py --preset smoke      # a few steps of everything (checks the script)
+    python benchmarks/convergence.py --cost-only         # phase 1's step cost alone, one process at a time
 """
 
 from __future__ import annotations
@@ -19,69 +37,388 @@ import argparse
 import json
 import math
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"seq2": ("2", "seq"), "lsq4": ("4", "lsq"), "lsq3": ("3", "lsq"), "ternary2": ("2", "ternary")}
+# method -> extra `winq train` arguments (besides --method); "{steps}" is the run's budget
+METHODS = {
+    "qat": ["--method", "qat"],
+    "winq": ["--method", "winq"],
+    "reset-only": ["--method", "winq", "--noise-sigma", "0"],
+    "noise-only": ["--method", "winq", "--reinit-every", "{steps}"],  # a reset at the final step never happens
+    "winq-travel": ["--method", "winq", "--reinit-every", "auto", "--reinit-trigger", "travel"],
+    "winq-plateau": ["--method", "winq", "--reinit-every", "auto", "--reinit-trigger", "plateau"],
+}
+PRESETS = {
+    # steps, seq_len, batch, eval_every, eval_batches; lrs swept; default-model regime; pretrain steps
+    "cpu": dict(
+        steps=400,
+        seq_len=128,
+        batch_size=2,
+        eval_every=25,
+        eval_batches=16,
+        lrs=[3e-4, 1e-3, 3e-3],
+        default_steps=60,
+        default_seq=128,
+        default_eval_every=20,
+        pretrain_steps=600,
+        cost_steps=6,
+        abl_steps=100,
+        abl_seq=64,
+        abl_lr=1e-3,
+        abl_lrs_extra=[3e-3],
+        abl_eval_every=20,
+        abl_eval_batches=8,
+        travel=0.5,
+        plateau_flip=0.1,
+        min_steps=20,
+        threads=1,
+        workers=2,
+    ),
+    # sized for one H100 (several small-model runs share it); not yet run on one: no GPU has been lent
+    "gpu": dict(
+        steps=2000,
+        seq_len=256,
+        batch_size=16,
+        eval_every=100,
+        eval_batches=32,
+        lrs=[3e-4, 1e-3, 3e-3],
+        default_steps=1000,
+        default_seq=512,
+        default_eval_every=100,
+        pretrain_steps=4000,
+        cost_steps=20,
+        abl_steps=2000,
+        abl_seq=256,
+        abl_lr=1e-3,
+        abl_lrs_extra=[3e-4, 3e-3],
+        abl_eval_every=100,
+        abl_eval_batches=32,
+        travel=0.5,
+        plateau_flip=0.1,
+        min_steps=50,
+        threads=0,
+        workers=4,
+    ),
+    "smoke": dict(
+        steps=12,
+        seq_len=32,
+        batch_size=2,
+        eval_every=4,
+        eval_batches=2,
+        lrs=[1e-3, 3e-3],
+        default_steps=3,
+        default_seq=32,
+        default_eval_every=3,
+        pretrain_steps=20,
+        cost_steps=3,
+        abl_steps=4,
+        abl_seq=16,
+        abl_lr=1e-3,
+        abl_lrs_extra=[3e-3],
+        abl_eval_every=2,
+        abl_eval_batches=2,
+        travel=0.01,
+        plateau_flip=0.5,
+        min_steps=2,
+        threads=1,
+        workers=2,
+    ),
+}
 
 
-def run_pair(args, name: str, workdir: Path) -> dict:
-    bits, grid = SETTINGS[name]
-    procs = {}
-    for method in ("qat", "winq"):
-        out = workdir / f"{name}-{method}"
-        cmd = [
-            sys.executable, "-m", "winq.cli.main", "train", "--bits", bits, "--grid", grid, "--method", method,
-            "--steps", str(args.steps), "--lr", str(args.lr), "--seq-len", str(args.seq_len),
-            "--batch-size", str(args.batch_size), "--data", args.data, "--eval-every", str(args.eval_every),
-            "--eval-batches", str(args.eval_batches), "--seed", str(args.seed), "--out", str(out), "--overwrite",
-            "--no-progress", "--group-size", str(args.group_size),
-        ]
-        if args.model:
-            cmd += ["--model", args.model]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        log = open(workdir / f"{name}-{method}.log", "w")
-        procs[method] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), out, log)
-        print(f"[{time.strftime('%H:%M:%S')}] started {name}/{method}: {' '.join(cmd[3:])}", flush=True)
-    runs = {}
-    for method, (p, out, log) in procs.items():
-        rc = p.wait()
-        log.close()
-        if rc != 0:
-            raise SystemExit(f"{name}/{method} failed (exit {rc}); see {workdir}/{name}-{method}.log")
-        recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
-        runs[method] = {"records": recs, "checkpoint": str(out)}
-        print(f"[{time.strftime('%H:%M:%S')}] finished {name}/{method}", flush=True)
-    return runs
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def summarise(runs: dict) -> dict:
-    def curve(method):
-        return [(r["step"], r["eval_loss"]) for r in runs[method]["records"] if "eval_loss" in r]
+# ---- running `winq train` jobs ---------------------------------------------------------------
+def train_cmd(job: dict, a: argparse.Namespace) -> list[str]:
+    bits, grid = SETTINGS[job["setting"]]
+    extra = [x.replace("{steps}", str(job["steps"])) for x in METHODS[job["method"]]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "winq.cli.main",
+        "train",
+        "--bits",
+        bits,
+        "--grid",
+        grid,
+        *extra,
+        "--steps",
+        str(job["steps"]),
+        "--lr",
+        str(job["lr"]),
+        "--seq-len",
+        str(job["seq_len"]),
+        "--batch-size",
+        str(job["batch_size"]),
+        "--data",
+        "ptb",
+        "--eval-every",
+        str(job["eval_every"]),
+        "--eval-batches",
+        str(job["eval_batches"]),
+        "--seed",
+        str(job["seed"]),
+        "--out",
+        str(job["out"]),
+        "--overwrite",
+        "--no-progress",
+        "--reinit-travel",
+        str(a.p["travel"]),
+        "--reinit-flip",
+        str(a.p["plateau_flip"]),
+        "--reinit-min-steps",
+        str(a.p["min_steps"]),
+    ]
+    if job["model"]:
+        cmd += ["--model", job["model"]]
+    if a.p["threads"]:
+        cmd += ["--threads", str(a.p["threads"])]
+    return cmd
 
-    def train_curve(method):
-        return [(r["step"], r["loss"]) for r in runs[method]["records"] if "loss" in r]
 
-    def step_time(method):
-        ts = [r["step_s"] for r in runs[method]["records"] if "step_s" in r][1:]  # the first step warms up
-        return sum(ts) / len(ts)
+def run_jobs(jobs: list[dict], a: argparse.Namespace) -> None:
+    """Run the jobs `a.p['workers']` at a time (in order); each job's records land in job['records']."""
+    pending, running = list(jobs), []
+    while pending or running:
+        while pending and len(running) < a.p["workers"]:
+            job = pending.pop(0)
+            metrics = Path(job["out"]) / "metrics.jsonl"
+            if a.reuse and job.get("kind") == "pretrain-metrics" and (Path(job["out"]) / "pretrain.json").exists():
+                log(f"reused {job['name']}")
+                continue
+            if a.reuse and (Path(job["out"]) / "winq.json").exists() and metrics.exists():
+                job["records"] = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
+                log(f"reused {job['name']}")
+                continue
+            job["cmd"] = job.get("cmd") or train_cmd(job, a)
+            logf = open(Path(a.workdir) / f"{job['name']}.log", "w")
+            job["t0"] = time.time()
+            running.append((subprocess.Popen(job["cmd"], stdout=logf, stderr=subprocess.STDOUT, env=a.env), job, logf))
+            log(f"started {job['name']}")
+        time.sleep(2)
+        for p, job, logf in list(running):
+            if p.poll() is None:
+                continue
+            running.remove((p, job, logf))
+            logf.close()
+            if p.returncode != 0:
+                raise SystemExit(f"{job['name']} failed (exit {p.returncode}); see {a.workdir}/{job['name']}.log")
+            job["wall_s"] = round(time.time() - job["t0"], 1)
+            if "metrics" not in job.get("kind", "train"):
+                metrics = Path(job["out"]) / "metrics.jsonl"
+                if metrics.exists():
+                    job["records"] = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
+            log(f"finished {job['name']} in {job['wall_s']} s")
 
-    qat, winq = curve("qat"), curve("winq")
-    qat_final = qat[-1][1]
-    reach = next((s for s, l in winq if l <= qat_final), None)
-    final_step = qat[-1][0]
+
+# ---- summaries ------------------------------------------------------------------------------
+def summarise_run(recs: list[dict]) -> dict:
+    ev = [(r["step"], r["eval_loss"]) for r in recs if "eval_loss" in r]
+    steps = [r for r in recs if "loss" in r]
+    ts = [r["step_s"] for r in steps][1:] or [r["step_s"] for r in steps]
+    resets = [r.get("reset_info", {"step": r["step"]}) for r in steps if r.get("reset")]
+    # travel at the end of each interval between resets (and the last stretch)
+    travel_per_interval, lr_travel_per_interval = [], []
+    for i, r in enumerate(steps):
+        nxt = steps[i + 1] if i + 1 < len(steps) else None
+        if "travel" in r and (r.get("reset") or nxt is None):
+            if r.get("reset"):
+                travel_per_interval.append(r["reset_info"].get("travel", r["travel"]))
+                lr_travel_per_interval.append(r["reset_info"].get("lr_travel", r["lr_travel"]))
+            else:
+                travel_per_interval.append(r["travel"])
+                lr_travel_per_interval.append(r["lr_travel"])
+    keys = ("flip_rate", "flips_since_reset", "oscillation", "boundary_margin", "travel", "lr_travel")
     return {
-        "qat": {"eval_curve": qat, "train_curve": train_curve("qat"), "final_eval_loss": qat_final,
-                "final_ppl": math.exp(qat_final), "mean_step_s": step_time("qat")},
-        "winq": {"eval_curve": winq, "train_curve": train_curve("winq"), "final_eval_loss": winq[-1][1],
-                 "final_ppl": math.exp(winq[-1][1]), "mean_step_s": step_time("winq"),
-                 "reset_steps": [r["step"] for r in runs["winq"]["records"] if r.get("reset")]},
-        "winq_step_reaching_qat_final_loss": reach,
-        "steps_ratio_qat_over_winq": (final_step / reach) if reach else None,
-        "per_step_time_ratio_winq_over_qat": step_time("winq") / step_time("qat"),
+        "eval_curve": ev,
+        "final_eval_loss": ev[-1][1] if ev else None,
+        "final_ppl": math.exp(ev[-1][1]) if ev else None,
+        "train_curve": [(r["step"], r["loss"]) for r in steps],
+        "diagnostics": {k: [(r["step"], r[k]) for r in steps if k in r] for k in keys},
+        "mean_flip_rate_after_first_reset": (
+            statistics.mean(
+                [r["flip_rate"] for r in steps if "flip_rate" in r and resets and r["step"] > resets[0]["step"]]
+            )
+            if resets and any(r["step"] > resets[0]["step"] for r in steps)
+            else None
+        ),
+        "mean_flip_rate": statistics.mean([r["flip_rate"] for r in steps if "flip_rate" in r])
+        if steps and "flip_rate" in steps[0]
+        else None,
+        "resets": resets,
+        "travel_per_interval": travel_per_interval,
+        "lr_travel_per_interval": lr_travel_per_interval,
+        "median_step_s": statistics.median(ts) if ts else None,
+    }
+
+
+def reach_step(curve: list, target: float) -> int | None:
+    return next((s for s, l in curve if s > 0 and l <= target + 1e-9), None)
+
+
+def compare(runs: dict[str, dict], ref: str = "qat") -> dict:
+    """Steps to reach the reference's final held-out loss, and the step-time ratio, per method."""
+    q = runs[ref]
+    final_step, target = q["eval_curve"][-1][0], q["final_eval_loss"]
+    out = {}
+    for name, r in runs.items():
+        st = reach_step(r["eval_curve"], target)
+        out[name] = {
+            "final_eval_loss": r["final_eval_loss"],
+            "step_reaching_qat_final": st,
+            "steps_ratio_qat_over_method": (final_step / st) if st else None,
+            "step_time_ratio_vs_qat": (r["median_step_s"] / q["median_step_s"])
+            if r["median_step_s"] and q["median_step_s"]
+            else None,
+        }
+    return out
+
+
+# ---- phase 1: the cost of a step ------------------------------------------------------------
+COST_CONFIGS = ("fp32", "qat-composite", "winq-composite", "qat-nodiag", "qat", "winq")
+
+
+def cost_worker(config: str, steps: int, seq_len: int, threads: int, out: str) -> None:
+    """One process: `steps` optimizer steps of `config` on the default model; writes step times and peak RSS."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from winq import QuantConfig, TrainConfig
+
+    times = []
+    if config == "fp32":
+        from winq.data import PackedBlocks, batch_indices, token_ids
+        from winq.evaluate import lm_loss
+        from winq.models import load_base_model
+
+        model, tok, _ = load_base_model(None)
+        model.train()
+        blocks = PackedBlocks(token_ids("ptb", "train", tok), seq_len)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95))
+        for s in range(steps):
+            t0 = time.perf_counter()
+            lm_loss(model, blocks.batch(batch_indices(len(blocks), 0, s, 1))).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+    else:
+        import winq.train as wt
+        from winq.qlinear import QuantLinear
+
+        method = config.split("-")[0]
+        if config.endswith("composite"):
+            # the quantizer before the fused one: autograd over the composite expression, noise drawn per layer
+            gen = torch.Generator().manual_seed(1)
+
+            def composite_forward(self, x):
+                import torch.nn.functional as F
+
+                if self.training and self.noise_sigma > 0:
+                    self.eps_w = torch.randn(self.weight.shape, generator=gen)
+                    self.eps_a = torch.randn(self.alpha.shape, generator=gen)
+                return F.linear(x, self.fake_weight(noise=self.training), self.bias)
+
+            class NoNoiseSource:
+                def __init__(self, *a, **k):
+                    pass
+
+                def state_dict(self):
+                    return {}
+
+                def remove(self):
+                    pass
+
+            QuantLinear.forward = composite_forward
+            wt.NoiseSource = NoNoiseSource
+        tcfg = TrainConfig(
+            method=method,
+            steps=steps,
+            lr=1e-4,
+            seq_len=seq_len,
+            batch_size=1,
+            reinit_every=10**6,
+            diag_every=0 if ("nodiag" in config or "composite" in config) else 1,
+        )
+        res = wt.train(
+            None, "ptb", QuantConfig(bits=2), tcfg, Path(out) / f"ck-{config}", overwrite=True, progress=False
+        )
+        times = [r["step_s"] for r in res.records if "step_s" in r]
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB (Linux: kB)
+    Path(out, f"cost-{config}.json").write_text(json.dumps({"config": config, "step_s": times, "peak_rss_mb": rss}))
+
+
+def cost_jobs(a) -> list[dict]:
+    jobs = []
+    for c in COST_CONFIGS:
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--cost-worker",
+            c,
+            "--steps",
+            str(a.p["cost_steps"]),
+            "--seq-len",
+            "256",
+            "--threads",
+            str(a.p["threads"] or 0),
+            "--workdir",
+            str(a.workdir),
+        ]
+        jobs.append({"name": f"cost-{c}", "kind": "cost-metrics", "cmd": cmd, "out": str(a.workdir)})
+    return jobs
+
+
+def cost_summary(a) -> dict:
+    res = {}
+    for c in COST_CONFIGS:
+        d = json.loads(Path(a.workdir, f"cost-{c}.json").read_text())
+        ts = d["step_s"][1:] or d["step_s"]
+        # the fastest step: the other core runs other jobs, and the minimum is the least disturbed figure
+        res[c] = {
+            "min_step_s": min(ts),
+            "step_s": [round(t, 3) for t in d["step_s"]],
+            "peak_rss_mb": round(d["peak_rss_mb"]),
+        }
+    r = lambda x, y: round(res[x]["min_step_s"] / res[y]["min_step_s"], 3)  # noqa: E731
+    m = lambda x, y: round(res[x]["peak_rss_mb"] / res[y]["peak_rss_mb"], 3)  # noqa: E731
+    res["ratios"] = {
+        "winq_over_qat_step_time": r("winq", "qat"),
+        "winq_over_qat_step_time_composite": r("winq-composite", "qat-composite"),
+        "diagnostics_overhead": r("qat", "qat-nodiag"),
+        "fused_over_composite_step_time_qat": r("qat", "qat-composite"),
+        "peak_rss_winq_over_fp32": m("winq", "fp32"),
+        "peak_rss_qat_over_fp32": m("qat", "fp32"),
+        "peak_rss_winq_composite_over_fp32": m("winq-composite", "fp32"),
+    }
+    return res
+
+
+# ---- the study ----------------------------------------------------------------------------------
+def job(a, name, setting, method, lr, seed, model, steps, seq, eval_every, eval_batches=None) -> dict:
+    return {
+        "name": name,
+        "setting": setting,
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "model": model,
+        "steps": steps,
+        "seq_len": seq,
+        "batch_size": a.p["batch_size"] if model != a.default_model else 1,
+        "eval_every": eval_every,
+        "eval_batches": eval_batches or a.p["eval_batches"],
+        "out": str(Path(a.workdir) / name),
     }
 
 
@@ -91,70 +428,295 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(result["settings"])
-    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.2), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        s = result["settings"][name]
-        for method, color in (("qat", "tab:blue"), ("winq", "tab:red")):
-            tc = s[method]["train_curve"]
-            ax.plot([x for x, _ in tc], [y for _, y in tc], color=color, alpha=0.2, lw=0.8)
-            ec = s[method]["eval_curve"]
-            ax.plot([x for x, _ in ec], [y for _, y in ec], "o-", color=color, ms=3,
-                    label=f"{method} held-out (final ppl {s[method]['final_ppl']:.1f})")
-        for r in s["winq"]["reset_steps"]:
-            ax.axvline(r, color="tab:red", ls=":", lw=0.8)
-        ax.set_title(f"{name}: train (faint) and held-out loss; dotted = WinQ reset")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss (nats)")
-        ax.legend()
+    panels = [(k, v) for k, v in result["studies"].items()]
+    fig, axes = plt.subplots(2, len(panels), figsize=(5.5 * len(panels), 7.5), squeeze=False)
+    colors = {
+        "qat": "tab:blue",
+        "winq": "tab:red",
+        "reset-only": "tab:orange",
+        "noise-only": "tab:green",
+        "winq-travel": "tab:purple",
+        "winq-plateau": "tab:brown",
+    }
+    for col, (title, study) in enumerate(panels):
+        ax, ax2 = axes[0][col], axes[1][col]
+        for name, r in study["runs"].items():
+            method = name.split("@")[0]
+            c = colors.get(method, "gray")
+            ls = "--" if name.endswith("s1") else "-"
+            ec = r["eval_curve"]
+            ax.plot(
+                [x for x, _ in ec],
+                [y for _, y in ec],
+                ls,
+                color=c,
+                marker="o",
+                ms=2,
+                lw=1,
+                label=f"{name} ({r['final_eval_loss']:.3f})",
+            )
+            fr = r["diagnostics"]["flip_rate"]
+            ax2.semilogy([x for x, _ in fr], [max(y, 1e-7) for _, y in fr], ls, color=c, lw=0.7, alpha=0.8)
+            for rs in r["resets"]:
+                ax.axvline(rs["step"], color=c, ls=":", lw=0.6, alpha=0.6)
+                ax2.axvline(rs["step"], color=c, ls=":", lw=0.6, alpha=0.6)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("held-out loss (nats)")
+        ax.legend(fontsize=6)
+        ax2.set_xlabel("optimizer step")
+        ax2.set_ylabel("flip rate per step (floor 1e-7); dotted: resets")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="HF folder (default: built-in SmolLM2-135M)")
-    ap.add_argument("--data", default="ptb")
-    ap.add_argument("--settings", default="seq2,lsq4", help=f"comma-separated from {', '.join(SETTINGS)}")
-    ap.add_argument("--steps", type=int, default=160)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--group-size", type=int, default=-1)
-    ap.add_argument("--eval-every", type=int, default=20)
-    ap.add_argument("--eval-batches", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch default)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--workdir", default="runs/convergence")
     ap.add_argument("--out", default="results/convergence.json")
-    args = ap.parse_args()
-
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    ap.add_argument("--reuse", action="store_true", help="reuse finished runs found in --workdir")
+    ap.add_argument("--skip", default="", help="comma-separated phases to skip: cost, default, small")
+    ap.add_argument(
+        "--cost-only",
+        action="store_true",
+        help="measure only the step cost, one process at a time, and put it into the existing --out JSON",
+    )
+    ap.add_argument("--cost-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, default=6, help=argparse.SUPPRESS)
+    ap.add_argument("--seq-len", type=int, default=256, help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.cost_worker:
+        return cost_worker(a.cost_worker, a.steps, a.seq_len, a.threads, a.workdir)
+    a.p = dict(PRESETS[a.preset])
+    p = a.p
+    if a.cost_only:
+        return cost_only(a)
+    skip = set(filter(None, a.skip.split(",")))
+    a.workdir = Path(a.workdir)
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    a.env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    a.default_model = None
+    small = str(a.workdir / "ptb-small")
     t0 = time.time()
-    settings = {}
-    for name in args.settings.split(","):
-        settings[name] = summarise(run_pair(args, name, workdir))
-        s = settings[name]
-        print(f"{name}: qat final ppl {s['qat']['final_ppl']:.2f}, winq final ppl {s['winq']['final_ppl']:.2f}, "
-              f"winq reaches qat's final loss at step {s['winq_step_reaching_qat_final_loss']}, "
-              f"time/step ratio {s['per_step_time_ratio_winq_over_qat']:.3f}", flush=True)
     result = {
         "benchmark": "convergence",
         "command": "python " + " ".join(sys.argv),
-        "budget": {k: getattr(args, k) for k in ("steps", "lr", "seq_len", "batch_size", "group_size", "eval_every", "eval_batches", "seed", "threads", "data")},
-        "tokens_per_run": args.steps * args.seq_len * args.batch_size,
-        "held_out": f"first {args.eval_batches * args.batch_size} blocks of {args.seq_len} tokens of {args.data}/valid",
-        "model": args.model or "smollm2-135m (built-in, Q4_1 weights)",
-        "machine": f"{os.cpu_count()} CPU cores, torch threads per process {args.threads or 'default'}, QAT and WinQ run concurrently",
-        "wall_seconds": round(time.time() - t0, 1),
-        "settings": settings,
+        "preset": a.preset,
+        "settings": p,
+        "machine": f"{os.cpu_count()} CPU cores; {p['workers']} runs at a time, "
+        f"{p['threads'] or 'default'} torch threads each",
+        "studies": {},
     }
-    out = Path(args.out)
+
+    # phase 1: step cost and today's regime on the default model, beside the small model's pretraining
+    jobs1 = []
+    if "small" not in skip:
+        jobs1.append(
+            {
+                "name": "pretrain-ptb-small",
+                "kind": "pretrain-metrics",
+                "out": small,
+                "cmd": [
+                    sys.executable,
+                    str(REPO / "benchmarks" / "small_model.py"),
+                    "--steps",
+                    str(p["pretrain_steps"]),
+                    "--threads",
+                    str(p["threads"] or 0 or 2),
+                    "--out",
+                    small,
+                ],
+            }
+        )
+    default_runs = {}
+    if "default" not in skip:
+        for method in ("qat", "winq"):
+            j = job(
+                a,
+                f"default-seq2-{method}-lr1e-4",
+                "seq2",
+                method,
+                1e-4,
+                0,
+                None,
+                p["default_steps"],
+                p["default_seq"],
+                p["default_eval_every"],
+            )
+            default_runs[method] = j
+            jobs1.append(j)
+    if "cost" not in skip:
+        jobs1 += cost_jobs(a)
+    run_jobs(jobs1, a)
+    if "cost" not in skip:
+        result["cost"] = cost_summary(a)
+        result["cost"]["setup"] = (
+            f"default model, 2-bit seq, 1 x 256 tokens per step, {p['cost_steps']} steps, fastest after the first, "
+            "one process per config"
+        )
+        log(f"cost: {result['cost']['ratios']}")
+    if default_runs:
+        runs = {m: summarise_run(j["records"]) for m, j in default_runs.items()}
+        result["studies"]["default model, 2-bit seq, lr 1e-4, reset every quarter (today's regime)"] = {
+            "model": "smollm2-135m (built-in, Q4_1 weights)",
+            "runs": runs,
+            "compare": compare(runs),
+        }
+    if "small" in skip:
+        return finish(result, a, t0)
+    pre = json.loads(Path(small, "pretrain.json").read_text())
+    result["small_model"] = {"path": "benchmarks/small_model.py", **pre}
+
+    # phase 2: lr sweep, qat vs winq, 2-bit seq, small model
+    sweep = {}
+    jobs2 = []
+    for lr in p["lrs"]:
+        for method in ("qat", "winq"):
+            j = job(
+                a,
+                f"small-seq2-{method}-lr{lr:g}-s0",
+                "seq2",
+                method,
+                lr,
+                0,
+                small,
+                p["steps"],
+                p["seq_len"],
+                p["eval_every"],
+            )
+            sweep[(lr, method)] = j
+            jobs2.append(j)
+    run_jobs(jobs2, a)
+    sweep_res = {}
+    for lr in p["lrs"]:
+        runs = {m: summarise_run(sweep[(lr, m)]["records"]) for m in ("qat", "winq")}
+        sweep_res[f"{lr:g}"] = {"runs": runs, "compare": compare(runs)}
+    best = min(p["lrs"], key=lambda lr: sweep_res[f"{lr:g}"]["runs"]["qat"]["final_eval_loss"] or 1e9)
+    result["lr_sweep"] = {
+        "setting": "seq2",
+        "best_qat_lr": best,
+        "final_eval_loss": {k: {m: v["runs"][m]["final_eval_loss"] for m in v["runs"]} for k, v in sweep_res.items()},
+        "compare": {k: v["compare"] for k, v in sweep_res.items()},
+    }
+    for lr in p["lrs"]:
+        result["studies"][f"small model, 2-bit seq, lr {lr:g} (sweep)"] = {"model": "ptb-small", **sweep_res[f"{lr:g}"]}
+    log(f"best QAT lr: {best}")
+
+    # phase 3: the ablation on the default model (its quantization error is what QAT must recover; the small
+    # model loses almost nothing to 2-bit weights), 2-bit x 2 seeds and 4-bit x 1 seed, plus qat vs winq at
+    # the other lrs of the default-model sweep
+    lr3 = p["abl_lr"]
+    jobs3, abl = [], {}
+
+    def ajob(setting, method, lr, seed):
+        return job(
+            a,
+            f"default-{setting}-{method}-lr{lr:g}-s{seed}-abl",
+            setting,
+            method,
+            lr,
+            seed,
+            None,
+            p["abl_steps"],
+            p["abl_seq"],
+            p["abl_eval_every"],
+            p["abl_eval_batches"],
+        )
+
+    for setting, seeds in (("seq2", (0, 1)), ("lsq4", (0,))):
+        for seed in seeds:
+            for method in METHODS:
+                abl[(setting, method, seed)] = j = ajob(setting, method, lr3, seed)
+                jobs3.append(j)
+    dsweep = {}
+    for lr in p["abl_lrs_extra"]:
+        for method in ("qat", "winq"):
+            dsweep[(lr, method)] = j = ajob("seq2", method, lr, 0)
+            jobs3.append(j)
+    run_jobs(jobs3, a)
+    dres = {f"{lr3:g}": {m: summarise_run(abl[("seq2", m, 0)]["records"]) for m in ("qat", "winq")}}
+    for lr in p["abl_lrs_extra"]:
+        dres[f"{lr:g}"] = {m: summarise_run(dsweep[(lr, m)]["records"]) for m in ("qat", "winq")}
+    result["lr_sweep_default_model"] = {
+        "setting": "seq2",
+        "steps": p["abl_steps"],
+        "seq_len": p["abl_seq"],
+        "final_eval_loss": {k: {m: v[m]["final_eval_loss"] for m in v} for k, v in dres.items()},
+        "compare": {k: compare(v) for k, v in dres.items()},
+    }
+    for lr in p["abl_lrs_extra"]:
+        result["studies"][f"default model, 2-bit seq, lr {lr:g} (sweep)"] = {
+            "model": "smollm2-135m",
+            "runs": dres[f"{lr:g}"],
+            "compare": compare(dres[f"{lr:g}"]),
+        }
+    ablation = {}
+    for setting, seeds in (("seq2", (0, 1)), ("lsq4", (0,))):
+        per_seed = {}
+        for seed in seeds:
+            runs = {m: summarise_run(abl[(setting, m, seed)]["records"]) for m in METHODS}
+            per_seed[seed] = {"runs": runs, "compare": compare(runs)}
+            result["studies"][f"default model, {setting}, lr {lr3:g}, seed {seed} (ablation)"] = {
+                "model": "smollm2-135m",
+                **per_seed[seed],
+            }
+        summary = {}
+        for m in METHODS:
+            ratios = [per_seed[s]["compare"][m]["steps_ratio_qat_over_method"] for s in seeds]
+            finals = [per_seed[s]["compare"][m]["final_eval_loss"] for s in seeds]
+            tr = [per_seed[s]["compare"][m]["step_time_ratio_vs_qat"] for s in seeds]
+            summary[m] = {
+                "steps_ratio_per_seed": ratios,
+                "final_eval_loss_per_seed": finals,
+                "step_time_ratio_per_seed": tr,
+                "travel_per_interval_per_seed": [per_seed[s]["runs"][m]["travel_per_interval"] for s in seeds],
+                "lr_travel_per_interval_per_seed": [per_seed[s]["runs"][m]["lr_travel_per_interval"] for s in seeds],
+                "resets_per_seed": [[r["step"] for r in per_seed[s]["runs"][m]["resets"]] for s in seeds],
+                "mean_flip_rate_after_first_reset_per_seed": [
+                    per_seed[s]["runs"][m]["mean_flip_rate_after_first_reset"] for s in seeds
+                ],
+            }
+        ablation[setting] = summary
+    result["ablation"] = {
+        "model": "smollm2-135m (built-in)",
+        "lr": lr3,
+        "steps": p["abl_steps"],
+        "seq_len": p["abl_seq"],
+        "batch_size": 1,
+        **ablation,
+    }
+    finish(result, a, t0)
+
+
+def cost_only(a) -> None:
+    """Re-measure phase 1's step cost alone (no other job on the machine) into the existing result file."""
+    a.p["workers"] = 1
+    a.workdir = Path(a.workdir)
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    a.env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run_jobs(cost_jobs(a), a)
+    cost = cost_summary(a)
+    cost["setup"] = (
+        f"default model, 2-bit seq, 1 x 256 tokens per step, {a.p['cost_steps']} steps, fastest after the first, "
+        "one process per config, one at a time"
+    )
+    cost["command"] = "python " + " ".join(sys.argv)
+    out = Path(a.out)
+    result = json.loads(out.read_text()) if out.exists() else {"benchmark": "convergence", "studies": {}}
+    result["cost"] = cost
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    log(f"cost: {cost['ratios']}; wrote {out}")
+
+
+def finish(result: dict, a, t0: float) -> None:
+    result["wall_seconds"] = round(time.time() - t0, 1)
+    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    if result["studies"]:
+        plot(result, out.with_suffix(".png"))
+    log(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ from winq.checkpoint import load_checkpoint
 from winq.data import token_ids
 from winq.models import load_base_model
 from winq.prepare import target_linears
-from winq.train import lm_loss, train, winq_reinit
+from winq.evaluate import lm_loss
+from winq.train import train, winq_reinit
 
 SETTINGS = {2: "seq", 4: "lsq"}
 
@@ -89,11 +90,23 @@ def main(argv=None) -> int:
         for bits in [int(b) for b in args.bits.split(",")]:
             name = f"{SETTINGS[bits]}{bits}"
             out = Path(tmp) / name
-            tcfg = TrainConfig(method="qat", steps=args.qat_steps, lr=args.lr, seq_len=args.seq_len, batch_size=1, seed=args.seed)
-            res = train(args.model, args.data, QuantConfig(bits=bits, grid=SETTINGS[bits]), tcfg, out, progress=False,
-                        threads=args.threads, hessian_every=args.hessian_every,
-                        hessian_options={**kw, "batches": args.batches, "batch_size": 1, "seq_len": args.seq_len})
-            trajectories[name] = [{"step": r["step"], "loss": r["loss"], **r["hessian"]} for r in res.records if "hessian" in r]
+            tcfg = TrainConfig(
+                method="qat", steps=args.qat_steps, lr=args.lr, seq_len=args.seq_len, batch_size=1, seed=args.seed
+            )
+            res = train(
+                args.model,
+                args.data,
+                QuantConfig(bits=bits, grid=SETTINGS[bits]),
+                tcfg,
+                out,
+                progress=False,
+                threads=args.threads,
+                hessian_every=args.hessian_every,
+                hessian_options={**kw, "batches": args.batches, "batch_size": 1, "seq_len": args.seq_len},
+            )
+            trajectories[name] = [
+                {"step": r["step"], "loss": r["loss"], **r["hessian"]} for r in res.records if "hessian" in r
+            ]
             model, _, _ = load_checkpoint(out)
             model.config.use_cache = False
             summaries[f"{name} qat (before reset)"] = model_spectrum(model, batches, **kw)
@@ -103,10 +116,16 @@ def main(argv=None) -> int:
                 print(f"{k}: {summaries[k].brief()}", flush=True)
 
     outp = Path(args.out)
-    write_json({
-        "settings": vars(args), "threads": torch.get_num_threads(), "seconds": round(time.time() - t0, 1),
-        "summaries": {k: s.to_dict() for k, s in summaries.items()}, "qat_trajectories": trajectories,
-    }, outp)
+    write_json(
+        {
+            "settings": vars(args),
+            "threads": torch.get_num_threads(),
+            "seconds": round(time.time() - t0, 1),
+            "summaries": {k: s.to_dict() for k, s in summaries.items()},
+            "qat_trajectories": trajectories,
+        },
+        outp,
+    )
     plot_density(summaries, outp.with_suffix(".png"), title="Hessian density: fp32, QAT, after one WinQ reset")
     if trajectories:
         import matplotlib

@@ -17,7 +17,9 @@ Writes results/kernels.json (device name, versions, every row) and results/kerne
 (speedup vs M, one panel per shape, one line per bits x grouping; needs matplotlib, else it
 says so and `--plot-only` draws it later from the JSON).
 
-Runs from a checkout with only torch and triton installed (winq need not be pip-installed):
+Runs from a checkout with only torch and triton installed (winq need not be pip-installed), or from
+an installed winq as `python -m winq.benchmarks.kernels` (what `winq bench --kernels` runs; results
+then go to ./results unless --out / --png say otherwise):
 
     pip install triton && python benchmarks/kernels.py            # full grid, ~10 min on an H100
     python benchmarks/kernels.py --quick                          # one shape, M 1/16/2048, 4-bit and 3-bit
@@ -27,6 +29,7 @@ Runs from a checkout with only torch and triton installed (winq need not be pip-
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import platform
@@ -37,6 +40,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results" if (ROOT / "pyproject.toml").is_file() else Path("results")  # a checkout's, else ./results
 
 SHAPES = [(2048, 2048), (2048, 8192), (8192, 2048), (4096, 4096)]  # (N, K): out x in
 MS = [1, 16, 128, 2048]
@@ -85,7 +89,8 @@ def bench_ms(fn, warmup_ms: int, rep_ms: int) -> float:
 
 
 def best_config(mod, M: int) -> str | None:
-    k = mod._decode_kernel if M <= mod.DECODE_MAX_M else mod._medium_kernel if M <= mod.MEDIUM_MAX_M else mod._large_kernel
+    k = (mod._decode_kernel if M <= mod.DECODE_MAX_M else mod._medium_kernel if M <= mod.MEDIUM_MAX_M
+         else mod._large_kernel)
     c = getattr(k, "best_config", None)
     return None if c is None else f"{c.kwargs} warps={c.num_warps} stages={c.num_stages}"
 
@@ -108,7 +113,8 @@ def run(args) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference stays float32
     dev = torch.device("cuda")
     name = torch.cuda.get_device_properties(dev).name
-    print(f"device: {name}, peak HBM {args.peak_gbs} GB/s (--peak-gbs), torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    print(f"device: {name}, peak HBM {args.peak_gbs} GB/s (--peak-gbs), torch {torch.__version__}, triton "
+          f"{triton.__version__}", flush=True)
     rows = sweep(args, mod, kernels, dev, lambda fn: bench_ms(fn, args.warmup, args.rep))
     return dict(
         device=name, peak_gbs=args.peak_gbs, torch=torch.__version__, triton=triton.__version__,
@@ -126,7 +132,7 @@ def sweep(args, mod, kernels, dev, bench) -> list[dict]:
         w16 = torch.randn(N, K, device=dev, dtype=torch.float16) * 0.02  # (N, K) like nn.Linear
         fp16_ms = {}
         for M in args.m:
-            fp16_ms[M] = bench(lambda: torch.nn.functional.linear(xs[M], w16))
+            fp16_ms[M] = bench(functools.partial(torch.nn.functional.linear, xs[M], w16))
             nbytes = 2 * N * K + 2 * M * K + 2 * M * N
             rows.append(dict(kind="fp16", N=N, K=K, M=M, bits=16, group="-", ms=fp16_ms[M], bytes=nbytes,
                              gbs=nbytes / fp16_ms[M] / 1e6, tflops=2 * M * N * K / fp16_ms[M] / 1e9,
@@ -145,7 +151,7 @@ def sweep(args, mod, kernels, dev, bench) -> list[dict]:
                     ref = kernels.unpack_gemm_torch(x.float(), qweight, scales, zeros, bits, gs)  # (M, N) fp32
                     rel = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
                     del ref, y
-                    ms = bench(lambda: mod.unpack_gemm(x, qweight, scales, zeros, bits, gs))
+                    ms = bench(functools.partial(mod.unpack_gemm, x, qweight, scales, zeros, bits, gs))
                     nbytes = wbytes + 2 * M * K + 2 * M * N
                     row = dict(kind="triton", N=N, K=K, M=M, bits=bits, group=group, ms=ms, bytes=nbytes,
                                gbs=nbytes / ms / 1e6, tflops=2 * M * N * K / ms / 1e9, speedup=fp16_ms[M] / ms,
@@ -153,7 +159,8 @@ def sweep(args, mod, kernels, dev, bench) -> list[dict]:
                                fp16_ms=fp16_ms[M], tune_s=round(tune_s, 2), config=best_config(mod, M))
                     rows.append(row)
                     flag = "" if rel < 4e-3 else "  <-- LARGE ERROR"
-                    print(f"N={N:5d} K={K:5d} M={M:5d} {bits}-bit g={str(group):>3}: {ms:8.4f} ms  {row['gbs']:7.1f} GB/s "
+                    print(f"N={N:5d} K={K:5d} M={M:5d} {bits}-bit g={str(group):>3}: {ms:8.4f} ms  {row['gbs']:7.1f} "
+                          "GB/s "
                           f"{row['tflops']:7.2f} TFLOP/s  x{row['speedup']:5.2f} vs fp16 ({fp16_ms[M]:.4f} ms)  "
                           f"bw {row['bw_fraction']:.2f}  err {rel:.1e}{flag}", flush=True)
                 del qweight, scales, zeros
@@ -169,7 +176,8 @@ def plot(result: dict, png: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"matplotlib is not installed: skipped {png} (pip install matplotlib; python benchmarks/kernels.py --plot-only)")
+        print(f"matplotlib is not installed: skipped {png} (pip install matplotlib; python benchmarks/kernels.py "
+              "--plot-only)")
         return
     rows = [r for r in result["rows"] if r["kind"] == "triton"]
     shapes = sorted({(r["N"], r["K"]) for r in rows}, key=lambda s: (s[0] * s[1], s))
@@ -180,7 +188,8 @@ def plot(result: dict, png: Path) -> None:
     for ax, (N, K) in zip(axes.flat, shapes):
         for bits in sorted({r["bits"] for r in rows}):
             for group in sorted({str(r["group"]) for r in rows}):
-                pts = sorted((r["M"], r["speedup"]) for r in rows if (r["N"], r["K"], r["bits"], str(r["group"])) == (N, K, bits, group))
+                pts = sorted((r["M"], r["speedup"]) for r in rows if (r["N"], r["K"], r["bits"],
+                                                                      str(r["group"])) == (N, K, bits, group))
                 if pts:
                     ax.plot(*zip(*pts), marker="o", color=colors.get(bits), linestyle="-" if group != "row" else "--",
                             label=f"{bits}-bit {'per-row' if group == 'row' else 'g' + group}")
@@ -195,9 +204,10 @@ def plot(result: dict, png: Path) -> None:
         ax.axis("off")
     fig.suptitle(f"winq unpack-GEMM (Triton) on {result['device']}")
     fig.tight_layout()
-    tmp = png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(png)
+    from winq.fsutil import atomic_file
+
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     print(f"wrote {png}")
 
 
@@ -211,8 +221,8 @@ def parse_args(argv=None):
     p.add_argument("--groups", type=str, default=None, help="comma list of group sizes or 'row'")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition budget (ms)")
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "kernels.json")
-    p.add_argument("--png", type=Path, default=ROOT / "results" / "kernels.png")
+    p.add_argument("--out", type=Path, default=RESULTS / "kernels.json")
+    p.add_argument("--png", type=Path, default=RESULTS / "kernels.png")
     p.add_argument("--plot-only", action="store_true", help="draw the PNG from an existing --out JSON")
     a = p.parse_args(argv)
     a.shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes.split(",")] if a.shapes else (
@@ -229,10 +239,10 @@ def main(argv=None):
         plot(json.loads(args.out.read_text()), args.png)
         return
     result = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(args.out)
+    from winq.fsutil import atomic_file
+
+    with atomic_file(args.out) as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
     plot(result, args.png)
 

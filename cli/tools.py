@@ -14,11 +14,12 @@ from typing import Annotated, Optional
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
-from winq.cli.main import DataOpt, JsonOpt, ModelOpt, _run, app, err, out
+from winq.cli.main import DataOpt, JsonOpt, ModelOpt, _run, app, backend_help, err, out
 
-KERNELS_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+KERNELS_MODULE = "winq.benchmarks.kernels"  # benchmarks/kernels.py, installed with winq (pyproject's package-dir)
 
 
 def _mb(b) -> str:
@@ -35,36 +36,51 @@ def _rate(x) -> str:
 
 
 def run_kernels(args: str) -> int:
-    """Run benchmarks/kernels.py with the same Python, its own output passing through; its exit code."""
+    """Run benchmarks/kernels.py (installed as winq.benchmarks.kernels) with the same Python, its own output
+    passing through; its exit code."""
+    import importlib.util
+
     from winq.errors import ConfigError
 
-    if not KERNELS_SCRIPT.is_file():
-        raise ConfigError(f"{KERNELS_SCRIPT} not found: `winq bench --kernels` runs from a winq checkout (pip install -e .)")
     try:
         argv = shlex.split(args)
     except ValueError as e:
         raise ConfigError(f"--kernel-args {args!r}: {e}") from None
-    return subprocess.run([sys.executable, str(KERNELS_SCRIPT), *argv]).returncode
+    if importlib.util.find_spec(KERNELS_MODULE) is None:
+        raise ConfigError(f"{KERNELS_MODULE} (benchmarks/kernels.py) is not installed: reinstall winq "
+                          f"(pip install -e .) or run benchmarks/kernels.py from the winq source tree")
+    return subprocess.run([sys.executable, "-m", KERNELS_MODULE, *argv]).returncode
 
 
 @app.command("bench")
 def bench_cmd(
-    backend: Annotated[str, typer.Option(help="comma-separated: fakequant (--checkpoint) | packed (--packed, default --checkpoint) | gptq (--gptq) | llamacpp (--gguf) | ort (--onnx)")] = "fakequant,packed",
-    checkpoint: Annotated[Optional[Path], typer.Option(help="winq checkpoint folder (fakequant; packed's default; the source of the baselines)")] = None,
-    packed: Annotated[Optional[Path], typer.Option(help="packed backend: a winq checkpoint or a GPTQ export folder (default: --checkpoint)")] = None,
+    backend: Annotated[str, typer.Option(help=backend_help())] = "fakequant,packed",
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        help="winq checkpoint folder (fakequant; packed's default; the source of the baselines)")] = None,
+    packed: Annotated[Optional[Path], typer.Option(
+        help="packed backend: a winq checkpoint or a GPTQ export folder (default: --checkpoint)")] = None,
     gptq: Annotated[Optional[Path], typer.Option("--gptq", help="GPTQ export folder (gptq backend)")] = None,
     gguf: Annotated[Optional[Path], typer.Option("--gguf", help="GGUF file (llamacpp backend)")] = None,
-    onnx: Annotated[Optional[Path], typer.Option("--onnx", help="ONNX export folder or model.onnx (ort backend)")] = None,
+    onnx: Annotated[Optional[Path], typer.Option(
+        "--onnx", help="ONNX export folder or model.onnx (ort backend)")] = None,
     model: ModelOpt = None,
     data: DataOpt = "ptb",
-    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="prefill length: the first N token ids of the data's test split")] = 128,
-    gen_tokens: Annotated[int, typer.Option("--gen-tokens", help="greedy decode steps, one token each with the KV cache")] = 32,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads of every backend (default: each library's choice)")] = None,
+    prompt_tokens: Annotated[int, typer.Option(
+        "--prompt-tokens", help="prefill length: the first N token ids of the data's test split")] = 128,
+    gen_tokens: Annotated[int, typer.Option(
+        "--gen-tokens", help="greedy decode steps, one token each with the KV cache")] = 32,
+    threads: Annotated[Optional[int], typer.Option(
+        "--threads", help="CPU threads of every backend (default: each library's choice)")] = None,
     repeats: Annotated[int, typer.Option(help="timed runs after one warm-up; the medians are reported")] = 3,
-    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="also run the float baselines: fp (torch backends), an F16 GGUF (llamacpp), an fp32 ONNX (ort)")] = True,
-    out_json: Annotated[Path, typer.Option("--out", help="JSON to write; the bar chart goes beside it (.png)")] = Path("results/bench.json"),
-    kernels: Annotated[bool, typer.Option("--kernels", help="run benchmarks/kernels.py (Triton unpack-GEMM vs float16, needs CUDA) instead")] = False,
-    kernel_args: Annotated[str, typer.Option("--kernel-args", help="arguments passed to benchmarks/kernels.py, e.g. \"--quick\"")] = "",
+    baseline: Annotated[bool, typer.Option(
+        "--baseline/--no-baseline", help="also run the float baselines: fp (torch backends), an F16 GGUF (llamacpp), "
+                                         "an fp32 ONNX (ort)")] = True,
+    out_json: Annotated[Path, typer.Option(
+        "--out", help="JSON to write; the bar chart goes beside it (.png)")] = Path("results/bench.json"),
+    kernels: Annotated[bool, typer.Option(
+        "--kernels", help="run benchmarks/kernels.py (Triton unpack-GEMM vs float16, needs CUDA) instead")] = False,
+    kernel_args: Annotated[str, typer.Option(
+        "--kernel-args", help="arguments passed to benchmarks/kernels.py, e.g. \"--quick\"")] = "",
     as_json: JsonOpt = False,
 ):
     """Prefill and decode tokens/s, load time, memory and size of each backend, each in a fresh process
@@ -72,7 +88,9 @@ def bench_cmd(
     if kernels:
         raise typer.Exit(_run(run_kernels, kernel_args))
 
-    from winq.runtime.bench import BenchSpec, run_bench, write_report
+    from winq.exporters import write_float
+    from winq.runtime.bench import BenchSpec, run_bench
+    from winq.runtime.bench_report import write_report
 
     names = tuple(b.strip() for b in backend.split(",") if b.strip())
 
@@ -82,7 +100,7 @@ def bench_cmd(
             model=model, data=data, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, threads=threads,
             repeats=repeats, baseline=baseline,
         )
-        report = run_bench(spec, say=lambda m: err.print(m, highlight=False))
+        report = run_bench(spec, say=lambda m: err.print(m, highlight=False, markup=False), write_float=write_float)
         return report, *write_report(report, out_json)
 
     report, jpath, png = _run(go)
@@ -97,15 +115,18 @@ def bench_cmd(
         sp = r.get("speedup")
         xb = f"{sp['prefill']:.3g} / {sp['decode']:.3g}" if sp else ("baseline" if r.get("baseline_of") else "")
         rows.append((name, _short(r["artifact"]), _mb(r["size_bytes"]), _num(r.get("load_s"), "{:.2f}"),
-                     _num(r.get("rss_load_mb"), "{:.0f}"), _num(r.get("peak_rss_mb"), "{:.0f}"), _rate(r["prefill_tok_s"]),
+                     _num(r.get("rss_load_mb"), "{:.0f}"), _num(r.get("peak_rss_mb"),
+                                                                "{:.0f}"), _rate(r["prefill_tok_s"]),
                      _rate(r["decode_tok_s"]), xb))
-    heads = ("backend", "artifact", "size\nMB", "load\ns", "RSS\nMB", "peak\nMB", "prefill\ntok/s", "decode\ntok/s", "x baseline\npre / dec")
+    heads = ("backend", "artifact", "size\nMB", "load\ns", "RSS\nMB", "peak\nMB", "prefill\ntok/s", "decode\ntok/s",
+             "x baseline\npre / dec")
     _fill(t, heads, rows, flexible="artifact", left=("backend", "artifact"))
     out.print(t)
     bases = sorted({r["baseline"] for r in report["results"].values() if r.get("baseline")})
     out.print(f"x baseline: tokens/s over the baseline's ({', '.join(bases) or 'none run'}); RSS: right after loading; "
-              f"peak: the worker process's maximum; full paths and every figure in {jpath}", highlight=False)
-    out.print(f"wrote {jpath} and {png}", highlight=False)
+              "peak: the worker process's maximum; full paths and every figure in "
+              f"{jpath}", highlight=False, markup=False)
+    out.print(f"wrote {jpath} and {png}", highlight=False, markup=False)
 
 
 def _fill(t: Table, heads, rows, flexible: str, left=()) -> None:
@@ -131,8 +152,10 @@ def _s(p: Optional[Path]) -> Optional[str]:
 
 @app.command("inspect")
 def inspect_cmd(
-    artifact: Annotated[Path, typer.Argument(help="a GGUF file, an ONNX folder or model.onnx, a GPTQ folder, or a winq checkpoint")],
-    tensors: Annotated[bool, typer.Option("--tensors/--no-tensors", help="list every tensor (name, type, bits, shape, bits/weight)")] = True,
+    artifact: Annotated[Path, typer.Argument(help="a GGUF file, an ONNX folder or model.onnx, a GPTQ folder, or a "
+                                                  "winq checkpoint")],
+    tensors: Annotated[bool, typer.Option(
+        "--tensors/--no-tensors", help="list every tensor (name, type, bits, shape, bits/weight)")] = True,
     as_json: JsonOpt = False,
 ):
     """What an artifact holds: format, tensors and their bits, totals, the winq settings it was made
@@ -149,7 +172,9 @@ def inspect_cmd(
     if tensors:
         t = Table(title=f"{rep['format']}: {artifact}", box=box.SIMPLE_HEAD)
         rows = [(r["name"], str(r["type"]) + (f" bs{r['block_size']}" if r.get("block_size") else ""),
-                 "" if r["bits"] is None else f"{r['bits']:g}", "x".join(map(str, r["shape"])), _num(r["bits_per_weight"], "{:.3f}"))
+                 "" if r["bits"] is None else f"{r['bits']:g}", "x".join(map(str,
+                                                                             r["shape"])), _num(r["bits_per_weight"],
+                                                                                                "{:.3f}"))
                 for r in rep["tensors"]]
         _fill(t, ("tensor", "type", "bits", "shape", "bits/w"), rows, flexible="tensor", left=("tensor",))
         out.print(t)
@@ -163,15 +188,22 @@ def inspect_cmd(
               f"{tot['quantized_tensors']} quantized, {_num(bpw, '{:.3f}') or '-'} bits/weight over the quantized ones"
               f"{' (nominal)' if rep['format'] == 'checkpoint' else ''}{extra}", highlight=False)
     w = rep.get("winq")
-    out.print(f"winq settings: {json.dumps(_settings(rep), default=str) if w else 'none stored'}", highlight=False, markup=False)
+    out.print("winq settings: "
+              f"{json.dumps(_settings(rep), default=str) if w else 'none stored'}", highlight=False, markup=False)
+    runs = rep.get("backends")
+    out.print(f"runs with: {', '.join(f'--backend {b}' for b in runs) if runs else 'no winq backend'}", highlight=False,
+              markup=False)
     rec = rep["record"]
     if rec is None:
         out.print("verification record: none (a checkpoint; `winq export` writes one)", highlight=False)
     elif rec["clean"]:
-        out.print(f"verification record: {rec['path']} present and clean ({rec['tensors']} tensors, max error 0)", highlight=False)
+        out.print(f"verification record: {rec['path']} present and clean ({rec['tensors']} tensors, max error "
+                  "0)", highlight=False)
     else:
         state = "present but NOT clean" if rec["present"] else "missing"
-        out.print(f"[yellow]verification record: {rec['path']} {state}: {'; '.join(rec['problems'])}[/]", highlight=False)
+        out.print(f"[yellow]verification record: {escape(rec['path'])} {state}: "
+                  f"{escape('; '.join(rec['problems']))}[/]",
+                  highlight=False)
 
 
 def _settings(rep: dict) -> dict:
@@ -182,10 +214,13 @@ def _settings(rep: dict) -> dict:
     if rep["format"] == "gptq":
         qc = w.get("quantization_config", {})
         src = (w.get("source") or {}).get("winq") or {}
-        return {k: qc.get(k) for k in ("bits", "group_size", "sym", "checkpoint_format")} | ({"quant": src.get("quant")} if src else {})
-    if isinstance(w, dict) and ("options" in w or "winq" in w):  # GGUF / ONNX metadata: the checkpoint's quant + export options
+        return {k: qc.get(k) for k in ("bits", "group_size", "sym",
+                                       "checkpoint_format")} | ({"quant": src.get("quant")} if src else {})
+    # GGUF / ONNX metadata: the checkpoint's quant + export options
+    if isinstance(w, dict) and ("options" in w or "winq" in w):
         inner = w.get("winq") if isinstance(w.get("winq"), dict) else {}
         quant = w.get("quant") or inner.get("quant")
-        short = {"quant": quant, "options": w.get("options"), "containers": w.get("containers"), "checkpoint": w.get("checkpoint")}
+        short = {"quant": quant, "options": w.get("options"), "containers": w.get("containers"),
+                 "checkpoint": w.get("checkpoint")}
         return {k: v for k, v in short.items() if v is not None}
     return w

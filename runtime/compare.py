@@ -1,6 +1,7 @@
 """Evaluate several backends on the same token ids, window by window, and compare them.
 
-Every backend is a function `logits_fn(ids (T,) int64) -> float32 logits (T, V)`. The
+Every backend is a function `logits_fn(ids (T,) int64) -> float32 logits (T, V)`, normally a
+Session's `logits` (runtime/backends.py). The
 windows are winq.evaluate.windows() (the same ids and scored positions for every backend).
 Per backend: perplexity; against the reference backend (the first, normally fakequant):
 relative perplexity difference, mean KL(reference || backend) per scored token and top-1
@@ -22,13 +23,9 @@ from winq.evaluate import windows
 
 def model_logits_fn(model, device="cpu") -> Callable[[torch.Tensor], torch.Tensor]:
     """logits_fn of a Hugging Face causal LM (fake-quant, packed or float)."""
-    model.eval()
+    from .backends import TorchSession
 
-    @torch.no_grad()
-    def fn(ids: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=ids[None].to(device)).logits[0].float().cpu()
-
-    return fn
+    return TorchSession(model, device).logits
 
 
 @torch.no_grad()
@@ -73,7 +70,8 @@ def compare(backends: dict[str, Callable[[torch.Tensor], torch.Tensor]], ids: to
             bar.stop()
     out = {}
     for n in names:
-        r = {"ppl": math.exp(nll[n] / count), "nll": nll[n] / count, "tokens": count, "windows": len(ws), "seconds": round(secs[n], 3)}
+        r = {"ppl": math.exp(nll[n] / count), "nll": nll[n] / count, "tokens": count, "windows": len(ws),
+             "seconds": round(secs[n], 3)}
         if n != ref:
             r["ppl_rel_diff"] = r["ppl"] / math.exp(nll[ref] / count) - 1.0
             r["kl"] = kl[n] / count

@@ -24,35 +24,12 @@ lines on stdout while loading; `quiet=True` sends them to stderr so stdout stays
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import warnings
-from pathlib import Path
 
-from winq.errors import MissingDependencyError, ModelError
-
-PIP = 'pip install "winq[gptq]"  (optimum==2.3.0 gptqmodel==7.6.0)'
-
-
-def require_gptq() -> None:
-    """Raise MissingDependencyError with the pip command unless optimum and gptqmodel import."""
-    import importlib.util
-
-    missing = [m for m in ("optimum", "gptqmodel") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise MissingDependencyError(f"the gptq backend needs {' and '.join(missing)}: run `{PIP}`")
-
-
-def read_quant_config(folder) -> dict:
-    folder = Path(folder)
-    f = folder / "config.json"
-    if not f.is_file():
-        raise ModelError(f"{folder} is not a Hugging Face model folder (no config.json); make one with `winq export --format gptq`")
-    qc = json.loads(f.read_text()).get("quantization_config")
-    if not qc or qc.get("quant_method") != "gptq":
-        raise ModelError(f"{f} has no GPTQ quantization_config (quant_method gptq)")
-    return qc
+from winq.errors import ModelError, require
+from winq.formats.gptq import read_quant_config
 
 
 def gptq_layers(model) -> dict:
@@ -81,13 +58,14 @@ def make_exact(model, compile: bool = False) -> int:
 
 def load_gptq(folder, dtype=None, device: str = "cpu", exact: bool = True, compile: bool = False, quiet: bool = True):
     """A transformers causal LM from a GPTQ folder, on gptqmodel's torch kernel (float32 by default)."""
-    require_gptq()
     import torch
 
-    qc = read_quant_config(folder)
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "0" if compile else "1")  # effective if torch._dynamo is not imported yet
+    # effective if torch._dynamo is not imported yet
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "0" if compile else "1")
     sink = contextlib.redirect_stdout(sys.stderr) if quiet else contextlib.nullcontext()
     with sink, warnings.catch_warnings():
+        require("optimum", "gptqmodel", extra="gptq", purpose="the gptq backend")  # gptqmodel prints a banner
+        qc = read_quant_config(folder)
         # expected: the folder's own quantization_config wins, ours only picks the backend
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
         warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
@@ -100,7 +78,8 @@ def load_gptq(folder, dtype=None, device: str = "cpu", exact: bool = True, compi
                 quantization_config=GPTQConfig(bits=int(qc["bits"]), backend="torch"),
             )
         except (OSError, ValueError, RuntimeError) as e:
-            raise ModelError(f"{folder}: transformers + gptqmodel could not load it ({type(e).__name__}: {e})") from None
+            raise ModelError(f"{folder}: transformers + gptqmodel could not load it ({type(e).__name__}: "
+                             f"{e})") from None
     if not gptq_layers(model):
         raise ModelError(f"{folder}: loaded, but no GPTQ layers were created (is quantization_config complete?)")
     if exact:
@@ -111,4 +90,4 @@ def load_gptq(folder, dtype=None, device: str = "cpu", exact: bool = True, compi
     return model
 
 
-__all__ = ["load_gptq", "make_exact", "gptq_layers", "require_gptq", "read_quant_config", "PIP"]
+__all__ = ["load_gptq", "make_exact", "gptq_layers"]

@@ -19,13 +19,15 @@ The report (a JSON-able dict):
                 "artifact"; a folder's lies inside): present, clean (every tensor max_abs_err == 0
                 and the summary says 0), and what is wrong otherwise. None for a checkpoint.
 
-How bits are read: GGUF from each tensor's ggml type and its byte size (gguf-py's GGUFReader);
-ONNX from every MatMulNBits node's `bits` / `block_size` attributes and the bytes of its B,
-scales and zero_points initializers (the onnx package, imported lazily; weights are not
-loaded); GPTQ from the safetensors header (qweight/qzeros/scales/g_idx shapes and bytes) and
-the config's bits and group size; a checkpoint's quantized layers hold float32 latent weights,
-so their bits_per_weight is the nominal deployed cost: bits + 16 (float16 scale, plus the zero
-point's bits for the affine grid) per group.
+    backends    the backends of `winq eval` / `winq bench` that run it (runtime/backends.py's registry)
+
+How bits are read (through winq.formats, no weights loaded): GGUF from each tensor's ggml type
+and its byte size (gguf-py's GGUFReader); ONNX from every MatMulNBits node's `bits` /
+`block_size` attributes and the bytes of its B, scales and zero_points initializers; GPTQ from
+the safetensors headers (qweight/qzeros/scales/g_idx shapes and bytes) and the config's bits and
+group size; a checkpoint's quantized layers hold float32 latent weights, so their
+bits_per_weight is the nominal deployed cost: bits + 16 (float16 scale, plus the zero point's
+bits for the affine grid) per group.
 """
 
 from __future__ import annotations
@@ -35,15 +37,16 @@ import math
 import struct
 from pathlib import Path
 
-from winq.errors import ConfigError, MissingDependencyError
+from winq.errors import ConfigError, FormatError, MissingDependencyError
+from winq.formats import gguf as G
+from winq.formats import manifest
+from winq.formats.headers import DTYPE_BYTES, safetensors_headers
+
+from .backends import backends_for
 
 KINDS = "a GGUF file (.gguf), an ONNX export folder or model.onnx, a GPTQ export folder (config.json with a GPTQ " \
         "quantization_config) or a winq checkpoint folder (winq.json)"
-RECORD = "winq-export.json"
-GGUF_MAGIC = b"GGUF"
 FLOAT_GGML = ("F32", "F16", "BF16", "F64")
-SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                     "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def _bad(path, why: str) -> ConfigError:
@@ -58,12 +61,12 @@ def detect(path) -> str:
     if path.is_file():
         with open(path, "rb") as f:
             head = f.read(4)
-        if head == GGUF_MAGIC:
+        if head == G.MAGIC:
             return "gguf"
         if path.suffix == ".onnx":
             return "onnx"
         if path.suffix == ".gguf":
-            raise _bad(path, f"not a GGUF file (magic {head!r}, expected {GGUF_MAGIC!r})")
+            raise _bad(path, f"not a GGUF file (magic {head!r}, expected {G.MAGIC!r})")
         raise _bad(path, "unknown file type")
     if (path / "model.onnx").is_file():  # before winq.json: an ONNX export carries its checkpoint's winq.json
         return "onnx"
@@ -88,7 +91,8 @@ def _bpw(nbytes: int, params: int) -> float | None:
 
 
 def _row(name, type_, bits, shape, params, nbytes, quantized, **extra) -> dict:
-    return {"name": name, "type": type_, "bits": bits, "shape": list(shape), "params": int(params), "bytes": int(nbytes),
+    return {"name": name, "type": type_, "bits": bits, "shape": list(shape), "params": int(params),
+            "bytes": int(nbytes),
             "bits_per_weight": _bpw(nbytes, params), "quantized": quantized, **extra}
 
 
@@ -101,48 +105,6 @@ def _totals(tensors: list[dict], file_bytes: int) -> dict:
 
 def _folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-
-
-# ---- the verification record -------------------------------------------------------------------
-
-
-def check_record(rec_path: Path, fmt: str, artifact_name: str | None = None) -> dict:
-    """{path, present, clean, max_abs_err, tensors, problems} of a winq-export.json."""
-    out = {"path": str(rec_path), "present": False, "clean": False, "max_abs_err": None, "tensors": None, "problems": []}
-    if not rec_path.is_file():
-        out["problems"].append(f"no {RECORD}")
-        return out
-    try:
-        m = json.loads(rec_path.read_text())
-        if not isinstance(m, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, OSError) as e:
-        out["problems"].append(f"unreadable ({e})")
-        return out
-    if artifact_name is not None and m.get("artifact") != artifact_name:
-        out["problems"].append(f"{RECORD} beside it describes {m.get('artifact')!r}, not {artifact_name!r}")
-        return out
-    out["present"] = True
-    probs = out["problems"]
-    if m.get("format") != fmt:
-        probs.append(f"record format {m.get('format')!r}, artifact is {fmt}")
-    tensors = m.get("tensors") or []
-    out["tensors"] = len(tensors)
-    if not tensors:
-        probs.append("no tensors recorded")
-    errs = [t.get("max_abs_err") for t in tensors]
-    bad = [t.get("name") for t, e in zip(tensors, errs) if e != 0]
-    if bad:
-        probs.append(f"{len(bad)} tensors with max_abs_err != 0 (first: {bad[0]})")
-    summary = m.get("summary") or {}
-    out["max_abs_err"] = summary.get("max_abs_err")
-    if summary.get("max_abs_err") != 0:
-        probs.append(f"summary max_abs_err is {summary.get('max_abs_err')!r}, not 0")
-    if summary.get("tensors") is not None and summary.get("tensors") != len(tensors):
-        probs.append(f"summary counts {summary.get('tensors')} tensors, the record lists {len(tensors)}")
-    out["clean"] = not probs
-    out["record"] = {k: m.get(k) for k in ("format", "winq_version", "git_commit", "exported_at", "options", "info", "summary")}
-    return out
 
 
 # ---- GGUF ----------------------------------------------------------------------------------------
@@ -159,10 +121,8 @@ def _gguf_field(reader, key: str):
 
 
 def inspect_gguf(path: Path) -> dict:
-    from gguf import GGUFReader
-
     try:
-        reader = GGUFReader(str(path))
+        reader = G.read(path)
         tensors_raw = list(reader.tensors)
     except (ValueError, OSError, KeyError, IndexError, struct.error) as e:
         raise _bad(path, f"corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
@@ -189,7 +149,7 @@ def inspect_gguf(path: Path) -> dict:
         types[row["type"]] = types.get(row["type"], 0) + 1
     return {"format": "gguf", "tensors": tensors, "totals": {**_totals(tensors, path.stat().st_size), "types": types},
             "winq": winq, "metadata": {k: v for k, v in meta.items() if v is not None},
-            "record": check_record(path.parent / RECORD, "gguf", artifact_name=path.name)}
+            "record": manifest.check(manifest.record_path(path), "gguf", artifact_name=path.name)}
 
 
 def _ggml_code_bits(type_name: str) -> int | float | None:
@@ -207,24 +167,20 @@ def _ggml_code_bits(type_name: str) -> int | float | None:
 # ---- ONNX ----------------------------------------------------------------------------------------
 
 
-def _onnx():
-    try:
-        import onnx
-    except ImportError:
-        raise MissingDependencyError("inspecting ONNX needs the onnx package: run `pip install onnx`") from None
-    return onnx
-
-
 def inspect_onnx(path: Path) -> dict:
-    onnx = _onnx()
-    from onnx import helper
+    from winq.formats.onnx import MODEL_FILE, load_graph
 
-    model_file = path if path.is_file() else path / "model.onnx"
+    model_file = path if path.is_file() else path / MODEL_FILE
     folder = model_file.parent
     try:
-        model = onnx.load(str(model_file), load_external_data=False)
+        model = load_graph(model_file)
+    except MissingDependencyError:
+        raise
     except Exception as e:  # noqa: BLE001 - protobuf raises its own DecodeError family
         raise _bad(model_file, f"corrupt ONNX model ({type(e).__name__}: {e})") from None
+    import onnx
+    from onnx import helper
+
     g = model.graph
 
     def nbytes(init) -> int:
@@ -239,7 +195,8 @@ def inspect_onnx(path: Path) -> dict:
             continue
         at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         K, N, bits, bs = int(at["K"]), int(at["N"]), int(at.get("bits", 4)), int(at.get("block_size", 0))
-        parts = [n for n in list(node.input)[1:4] if n and n in inits]  # B, scales, zero_points (g_idx, bias: not counted)
+        # B, scales, zero_points (g_idx, bias: not counted)
+        parts = [n for n in list(node.input)[1:4] if n and n in inits]
         used.update(parts)
         nb = sum(nbytes(inits[n]) for n in parts)
         name = node.name or node.input[1]
@@ -264,11 +221,13 @@ def inspect_onnx(path: Path) -> dict:
     file_bytes = _folder_bytes(folder) if path.is_dir() else model_file.stat().st_size + sum(
         (folder / loc).stat().st_size for loc in _external_files(model) if (folder / loc).is_file())
     return {"format": "onnx", "tensors": tensors,
-            "totals": {**_totals(tensors, file_bytes), "matmulnbits": len([t for t in tensors if t["type"] == "MatMulNBits"]),
-                       "bits": {str(k): v for k, v in sorted(nbits.items())}, "block_sizes": {str(k): v for k, v in sorted(blocks.items())}},
+            "totals": {**_totals(tensors, file_bytes),
+                       "matmulnbits": len([t for t in tensors if t["type"] == "MatMulNBits"]),
+                       "bits": {str(k): v for k, v in sorted(nbits.items())},
+                       "block_sizes": {str(k): v for k, v in sorted(blocks.items())}},
             "winq": winq, "metadata": {"opset": [f"{o.domain or 'ai.onnx'}:{o.version}" for o in model.opset_import],
                                        "producer": model.producer_name or None},
-            "record": check_record(folder / RECORD, "onnx")}
+            "record": manifest.check(manifest.record_path(model_file), "onnx")}
 
 
 def _external_files(model) -> set[str]:
@@ -280,30 +239,15 @@ def _external_files(model) -> set[str]:
     return files
 
 
-# ---- safetensors headers (shapes and bytes without loading any tensor) ---------------------------
-
-
-def safetensors_header(file: Path) -> dict[str, dict]:
-    """{name: {dtype, shape, bytes}} from a .safetensors header."""
+def _headers(*files) -> dict[str, dict]:
     try:
-        with open(file, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            if n > 100_000_000:
-                raise ValueError(f"header length {n}")
-            head = json.loads(f.read(n))
-    except (struct.error, ValueError, OSError) as e:
-        raise _bad(file, f"corrupt safetensors file ({e})") from None
-    out = {}
-    for k, v in head.items():
-        if k == "__metadata__":
-            continue
-        b, e = v["data_offsets"]
-        out[k] = {"dtype": v["dtype"], "shape": list(v["shape"]), "bytes": e - b}
-    return out
+        return safetensors_headers(*files)
+    except FormatError as e:
+        raise _bad(files[0], str(e)) from None
 
 
 def _float_row(name, h) -> dict:
-    return _row(name, h["dtype"], 8 * SAFETENSORS_BYTES.get(h["dtype"], 0) or None, h["shape"], math.prod(h["shape"]),
+    return _row(name, h["dtype"], 8 * DTYPE_BYTES.get(h["dtype"], 0) or None, h["shape"], math.prod(h["shape"]),
                 h["bytes"], False)
 
 
@@ -317,9 +261,7 @@ def inspect_gptq(path: Path) -> dict:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise _bad(path, "a GPTQ config.json but no .safetensors weights")
-    heads: dict[str, dict] = {}
-    for f in files:
-        heads.update(safetensors_header(f))
+    heads = _headers(*files)
     prefixes = sorted({k[: -len(".qweight")] for k in heads if k.endswith(".qweight")})
     if not prefixes:
         raise _bad(path, "a GPTQ config.json but no qweight tensors")
@@ -338,10 +280,10 @@ def inspect_gptq(path: Path) -> dict:
     for name, h in heads.items():
         if name not in used:
             tensors.append(_float_row(name, h))
-    rec = check_record(path / RECORD, "gptq")
+    rec = manifest.check(manifest.record_path(path), "gptq")
     winq = {"quantization_config": qc}
     if rec["present"]:
-        m = json.loads((path / RECORD).read_text())
+        m = manifest.read(manifest.record_path(path))
         winq["source"] = m.get("source")
         winq["export_options"] = m.get("options")
     return {"format": "gptq", "tensors": tensors, "totals": _totals(tensors, _folder_bytes(path)), "winq": winq,
@@ -358,7 +300,7 @@ def inspect_checkpoint(path: Path) -> dict:
     w = path / "model.safetensors"
     if not w.is_file():
         raise _bad(path, "a winq.json but no model.safetensors")
-    heads = safetensors_header(w)
+    heads = _headers(w)
     q = info["quant"]
     bits, grid = int(q["bits"]), q.get("grid")
     extra_bits = bits if grid == "affine" else 0  # the affine zero point is stored with the codes' bits
@@ -375,7 +317,8 @@ def inspect_checkpoint(path: Path) -> dict:
         else:
             tensors.append(_float_row(name, h))
     totals = _totals(tensors, w.stat().st_size)
-    totals["bits_per_weight_note"] = "nominal deployed cost (codes + float16 scales); the file holds float32 latent weights"
+    totals["bits_per_weight_note"] = ("nominal deployed cost (codes + float16 scales); the file holds float32 latent "
+                                      "weights")
     return {"format": "checkpoint", "tensors": tensors, "totals": totals, "winq": info, "metadata": {}, "record": None}
 
 
@@ -387,7 +330,7 @@ def inspect_artifact(path) -> dict:
     path = Path(path)
     kind = detect(path)
     rep = INSPECTORS[kind](path)
-    return {"path": str(path), **rep}
+    return {"path": str(path), **rep, "backends": backends_for(kind)}
 
 
-__all__ = ["inspect_artifact", "detect", "check_record", "safetensors_header", "KINDS"]
+__all__ = ["inspect_artifact", "detect", "KINDS"]

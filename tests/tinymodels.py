@@ -32,7 +32,8 @@ def make_tokenizer(text: str, vocab_size: int = 320):
         vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(text.splitlines(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
 
 
 ARCHS = ("llama", "qwen2", "mistral")
@@ -63,7 +64,8 @@ def make_model_dir(path: Path, arch: str = "llama", seed: int = 0, text: str | N
 
 
 def default_checkpoint(out: Path, **quant):
-    """The built-in default model prepare()d with QuantConfig(**quant), saved untrained: (checkpoint, model, tokenizer)."""
+    """The built-in default model prepare()d with QuantConfig(**quant), saved untrained:
+    (checkpoint, model, tokenizer)."""
     import winq
     from winq.checkpoint import save_checkpoint
     from winq.models import load_base_model

@@ -53,7 +53,6 @@ Seeded: the probes come from torch.Generator(seed), so a summary is reproducible
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -75,7 +74,11 @@ class HessianOperator:
     dtype and device. `hvps` counts products (one product evaluates every loss_fn once).
     """
 
-    def __init__(self, loss_fns: Callable[[], torch.Tensor] | Sequence[Callable[[], torch.Tensor]], params: Sequence[torch.Tensor]):
+    def __init__(
+        self,
+        loss_fns: Callable[[], torch.Tensor] | Sequence[Callable[[], torch.Tensor]],
+        params: Sequence[torch.Tensor],
+    ):
         self.loss_fns = [loss_fns] if callable(loss_fns) else list(loss_fns)
         self.params = list(params)
         if not self.loss_fns:
@@ -114,7 +117,9 @@ class HessianOperator:
                 if not torch.is_tensor(dot):  # the loss is (at most) linear in the parameters: H = 0
                     continue
                 hv = torch.autograd.grad(dot, self.params, allow_unused=True)
-            out += torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1) for h, p in zip(hv, self.params)])
+            out += torch.cat(
+                [(h if h is not None else torch.zeros_like(p)).reshape(-1) for h, p in zip(hv, self.params)]
+            )
             del loss, grads, dot, hv
         self.hvps += 1
         return out
@@ -237,9 +242,14 @@ class HessianSummary:
         """The few numbers logged per training step."""
         r = lambda x: float(f"{x:.6g}")  # noqa: E731
         return {
-            "lambda_max": r(self.top[0]), "lambda_min": r(self.bottom[0]), "trace": r(self.trace),
-            "near_zero": r(self.near_zero), "positive_mass": r(self.positive_mass), "negative_mass": r(self.negative_mass),
-            "hvps": self.hvps, "seconds": round(self.seconds, 2),
+            "lambda_max": r(self.top[0]),
+            "lambda_min": r(self.bottom[0]),
+            "trace": r(self.trace),
+            "near_zero": r(self.near_zero),
+            "positive_mass": r(self.positive_mass),
+            "negative_mass": r(self.negative_mass),
+            "hvps": self.hvps,
+            "seconds": round(self.seconds, 2),
         }
 
 
@@ -290,12 +300,27 @@ def spectrum(
     neg = sum(float(r.weights[r.ritz < -eps].sum()) for r in runs) / probes
     tr = torch.tensor([r.vtHv for r in runs], dtype=torch.float64)
     return HessianSummary(
-        n_params=op.n, top=top.tolist(), bottom=bottom.tolist(), top_residual=top_res.tolist(),
-        bottom_residual=bottom_res.tolist(), trace=float(tr.mean()),
+        n_params=op.n,
+        top=top.tolist(),
+        bottom=bottom.tolist(),
+        top_residual=top_res.tolist(),
+        bottom_residual=bottom_res.tolist(),
+        trace=float(tr.mean()),
         trace_stderr=float(tr.std() / math.sqrt(probes)) if probes > 1 else float("nan"),
-        near_zero=near, positive_mass=pos, negative_mass=neg, eps=eps, eps_rel=eps_rel, sigma=sigma,
-        grid=grid.tolist(), density=dens.tolist(), probes=probes, steps=steps, hvps=op.hvps - h0,
-        seconds=time.time() - t0, seed=seed, params=params,
+        near_zero=near,
+        positive_mass=pos,
+        negative_mass=neg,
+        eps=eps,
+        eps_rel=eps_rel,
+        sigma=sigma,
+        grid=grid.tolist(),
+        density=dens.tolist(),
+        probes=probes,
+        steps=steps,
+        hvps=op.hvps - h0,
+        seconds=time.time() - t0,
+        seed=seed,
+        params=params,
     )
 
 
@@ -308,7 +333,10 @@ def hessian_params(model, params: str = "all") -> dict[str, torch.nn.Parameter]:
         raise ConfigError(f"unknown parameter set {params!r}: choose one of {', '.join(PARAM_SETS)}")
     layers = quant_layers(model)
     if not layers:
-        raise ModelError("model has no quantized layers: the Hessian is taken w.r.t. QuantLinear latent weights; call winq.prepare first")
+        raise ModelError(
+            "model has no quantized layers: the Hessian is taken w.r.t. QuantLinear latent weights; "
+            "call winq.prepare first"
+        )
     keys = {"attention": ATTENTION_KEYS, "mlp": MLP_KEYS}.get(params)
     out = {}
     for n, m in layers.items():
@@ -316,7 +344,10 @@ def hessian_params(model, params: str = "all") -> dict[str, torch.nn.Parameter]:
         if keys is None or any(k in parts for k in keys):
             out[f"{n}.weight"] = m.weight
     if not out:
-        raise ModelError(f"no quantized layer matches {params!r} (module names containing one of {', '.join(keys)}); e.g. {next(iter(layers))}")
+        raise ModelError(
+            f"no quantized layer matches {params!r} (module names containing one of {', '.join(keys)}); "
+            f"e.g. {next(iter(layers))}"
+        )
     return out
 
 
@@ -326,7 +357,7 @@ def model_hessian(model, batches: Sequence[torch.Tensor], params: str = "all") -
     The model is put in eval mode (no WinQ noise, no dropout); the caller restores train mode.
     Parameters outside the set keep requires_grad but receive no gradient here.
     """
-    from .train import lm_loss
+    from .evaluate import lm_loss
 
     if not batches:
         raise ConfigError("model_hessian needs at least one batch")
@@ -334,6 +365,7 @@ def model_hessian(model, batches: Sequence[torch.Tensor], params: str = "all") -
     ps = list(hessian_params(model, params).values())
     for p in ps:
         p.requires_grad_(True)
+
     def loss_of(b):
         # the fused CPU/CUDA attention kernels have no double backward: use the math kernel
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -379,21 +411,24 @@ def plot_density(summaries: dict[str, HessianSummary], path, title: str = "Hessi
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120)
+    from .fsutil import atomic_file
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def fixed_batches(ids: torch.Tensor, n_batches: int, batch_size: int, seq_len: int) -> list[torch.Tensor]:
-    """The first n_batches * batch_size blocks of seq_len + 1 tokens of an id stream: a fixed set of (B, T + 1) batches."""
+    """The first n_batches * batch_size blocks of seq_len + 1 tokens of an id stream: fixed (B, T + 1) batches."""
     from .data import PackedBlocks
 
     blocks = PackedBlocks(ids, seq_len)
     need = n_batches * batch_size
     if len(blocks) < need:
-        raise ConfigError(f"{n_batches} batches x {batch_size} x {seq_len} tokens need {need} blocks; the data has {len(blocks)}: lower --batches or --seq-len")
+        raise ConfigError(
+            f"{n_batches} batches x {batch_size} x {seq_len} tokens need {need} blocks; the data has {len(blocks)}: "
+            "lower --batches or --seq-len"
+        )
     return [blocks.batch(range(i * batch_size, (i + 1) * batch_size)) for i in range(n_batches)]  # each (B, T + 1)
 
 
@@ -418,8 +453,15 @@ def checkpoint_spectrum(
     for params in ("all", "attention", "mlp") if by_type else ("all",):
         out[params] = model_spectrum(model, bs, params, **kw)
     meta = {
-        "checkpoint": str(checkpoint), "data": data, "split": split, "batches": batches, "batch_size": batch_size,
-        "seq_len": seq_len, "quant": info.get("quant"), "step": info.get("step"), "method": info.get("train", {}).get("method"),
+        "checkpoint": str(checkpoint),
+        "data": data,
+        "split": split,
+        "batches": batches,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "quant": info.get("quant"),
+        "step": info.get("step"),
+        "method": info.get("train", {}).get("method"),
         "threads": torch.get_num_threads(),
     }
     return out, meta
@@ -429,9 +471,7 @@ def write_json(obj, path) -> None:
     """JSON written to a temporary name and renamed when complete."""
     import json
 
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    from .fsutil import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1))

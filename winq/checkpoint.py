@@ -6,7 +6,8 @@
       winq.json              format, QuantConfig, TrainConfig, quantized module names, step, git commit
       trainer_state/
         optimizer.safetensors  AdamW moments and step per parameter (keyed by parameter name)
-        rng.safetensors        CPU / CUDA / noise generator states
+        rng.safetensors        CPU / CUDA generator states (the noise stream's draw counter is in state.json)
+        diagnostics.safetensors  the code-flip tracker's reference codes and weights (winq.diagnostics)
         state.json             step, scheduler position, data position, metrics so far
 
 Safetensors and JSON only: nothing is unpickled when a checkpoint is read. A checkpoint is
@@ -17,7 +18,6 @@ run leaves either the previous checkpoint or the new one, never half of one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -36,7 +36,9 @@ CARRIED = ("metrics.jsonl",)  # written live by the trainer, kept across saves
 
 def git_commit() -> str | None:
     try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        r = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
         return r.stdout.strip() or None if r.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -69,7 +71,9 @@ def save_checkpoint(
     trainer_state: dict | None = None,
     state_dict: dict | None = None,
 ) -> Path:
-    """Write a checkpoint folder atomically. trainer_state: {"optimizer": {name: tensor}, "rng": {...}, "json": {...}}."""
+    """Write a checkpoint folder atomically.
+
+    trainer_state: {"optimizer": {name: tensor}, "rng": {...}, "diagnostics": {...}, "json": {...}}."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -77,18 +81,16 @@ def save_checkpoint(
         raise CheckpointError(f"{out} is a file, not a folder; choose another output path")
     if out.exists() and not is_checkpoint(out) and any(p.name not in CARRIED for p in out.iterdir()):
         raise CheckpointError(f"{out} exists and is not a winq checkpoint; refusing to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    from .fsutil import swap_into_place, temp_dir
+
+    with temp_dir(out) as tmp:  # removed whatever happens: a failed save leaves the previous checkpoint, no debris
         sd = state_dict if state_dict is not None else _state_dict_for_save(model)
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt", "winq": FORMAT})
         model.config.save_pretrained(str(tmp))
         if getattr(model, "generation_config", None) is not None:
             try:
                 model.generation_config.save_pretrained(str(tmp))
-            except Exception:  # noqa: BLE001 - generation config is optional metadata; an odd one is not worth failing a save
+            except Exception:  # noqa: BLE001 - generation config is optional metadata; an odd one is not worth failing
                 pass
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -108,21 +110,17 @@ def save_checkpoint(
             ts.mkdir()
             save_file(trainer_state["optimizer"], str(ts / "optimizer.safetensors"))
             save_file(trainer_state["rng"], str(ts / "rng.safetensors"))
+            if trainer_state.get("diagnostics"):
+                save_file(trainer_state["diagnostics"], str(ts / "diagnostics.safetensors"))
             (ts / "state.json").write_text(json.dumps(trainer_state["json"], indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves the previous checkpoint and no debris
-        raise
-    # files that live beside the checkpoint (the live metrics log) are carried over
-    for name in CARRIED:
-        if (out / name).is_file():
-            shutil.copy2(out / name, tmp / name)
-    # swap into place: the old folder (if any) is moved aside first, then removed
-    if out.exists() and not is_checkpoint(out) and any(p.name not in CARRIED for p in out.iterdir()):
-        shutil.rmtree(tmp)
-        raise CheckpointError(f"{out} exists and is not a winq checkpoint; refusing to overwrite it")
-    from .fsutil import swap_into_place
-
-    return swap_into_place(tmp, out)
+        # files that live beside the checkpoint (the live metrics log) are carried over
+        for name in CARRIED:
+            if (out / name).is_file():
+                shutil.copy2(out / name, tmp / name)
+        if out.exists() and not is_checkpoint(out) and any(p.name not in CARRIED for p in out.iterdir()):
+            raise CheckpointError(f"{out} exists and is not a winq checkpoint; refusing to overwrite it")
+        # swap into place: the old folder (if any) is moved aside first, then removed
+        return swap_into_place(tmp, out)
 
 
 def read_info(path) -> dict:
@@ -131,19 +129,20 @@ def read_info(path) -> dict:
         raise CheckpointError(f"checkpoint {path} not found")
     f = path / "winq.json"
     if not f.is_file():
-        raise CheckpointError(f"{path} is not a winq checkpoint (no winq.json); make one with `winq train --out {path}`")
-    try:
-        info = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f}: corrupt JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(info, dict):
-        raise CheckpointError(f"{f}: expected a JSON object, got {type(info).__name__}")
+        raise CheckpointError(
+            f"{path} is not a winq checkpoint (no winq.json); make one with `winq train --out {path}`"
+        )
+    from .fsutil import read_json
+
+    info = read_json(f, CheckpointError)
     if info.get("format") != FORMAT:
         raise CheckpointError(f"{f}: format {info.get('format')!r} is not {FORMAT!r}")
     if not isinstance(info.get("version"), int):
         raise CheckpointError(f"{f}: 'version' must be an integer, got {info.get('version')!r}")
     if info["version"] > FORMAT_VERSION:
-        raise CheckpointError(f"{f}: checkpoint version {info['version']} is newer than this winq ({FORMAT_VERSION}); upgrade winq")
+        raise CheckpointError(
+            f"{f}: checkpoint version {info['version']} is newer than this winq ({FORMAT_VERSION}); upgrade winq"
+        )
     if not isinstance(info.get("quant"), dict):
         raise CheckpointError(f"{f}: 'quant' must be an object with the QuantConfig (bits, grid, group_size, ...)")
     try:
@@ -181,7 +180,8 @@ def load_checkpoint(path, device="cpu"):
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise CheckpointError(
-            f"{wfile} does not match its config and winq.json: missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+            f"{wfile} does not match its config and winq.json: "
+            f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
             f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}"
         )
     if tied:
@@ -210,6 +210,9 @@ def load_trainer_state(path) -> dict | None:
         return {
             "optimizer": load_file(str(ts / "optimizer.safetensors")),
             "rng": load_file(str(ts / "rng.safetensors")),
+            "diagnostics": load_file(str(ts / "diagnostics.safetensors"))
+            if (ts / "diagnostics.safetensors").is_file()
+            else {},
             "json": json.loads((ts / "state.json").read_text()),
         }
     except Exception as e:

@@ -7,7 +7,7 @@ Both are frozen, validated in __post_init__, and saved as JSON into every artifa
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import ConfigError
 from .grids import DEFAULT_GRID, GRID_BITS, check_grid
@@ -56,7 +56,11 @@ class TrainConfig:
     batch_size: int = 2  # sequences per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per optimizer step
     seq_len: int = 256  # tokens per sequence
-    reinit_every: int = -1  # WinQ reset period in optimizer steps; -1: a quarter of `steps` (as the reference)
+    reinit_every: int | str = -1  # WinQ reset period in optimizer steps; -1: a quarter of `steps`; "auto": adaptive
+    reinit_trigger: str = "travel"  # with reinit_every="auto": travel | plateau (winq.schedule)
+    reinit_travel: float = 1.0  # travel trigger: reset when mean |W - W_reset| reaches this many median steps
+    reinit_flip: float = 0.1  # plateau trigger: reset when the smoothed flip rate falls to this share of its peak
+    reinit_min_steps: int = 10  # adaptive triggers: never sooner than this many steps after the last reset
     reinit_alpha: float = 0.2  # W <- a W + (1 - a) Q(W)
     noise_sigma: float = 1e-3  # std of the Gaussian noise on W and on the scale in training forwards
     precision: str = "fp32"  # fp32 | bf16 (autocast; master weights stay fp32)
@@ -66,6 +70,8 @@ class TrainConfig:
     save_every: int = 0  # 0: save only at the end
     eval_every: int = 0  # 0: no periodic held-out eval
     eval_batches: int = 8  # held-out batches per periodic eval
+    diag_every: int = 1  # code-flip diagnostics (winq.diagnostics) every N steps; 0: off (adaptive resets need them)
+    diag_sample: int = 1_000_000  # latent weights sampled for the diagnostics (all of them in smaller models)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -81,13 +87,31 @@ class TrainConfig:
             raise ConfigError(f"reinit_alpha={self.reinit_alpha} must be in [0, 1]")
         if self.noise_sigma < 0:
             raise ConfigError(f"noise_sigma={self.noise_sigma} must be >= 0")
-        if self.reinit_every == 0 or self.reinit_every < -1:
-            raise ConfigError(f"reinit_every={self.reinit_every}: use -1 (a quarter of steps) or a positive period")
+        if self.reinit_every != "auto" and (
+            isinstance(self.reinit_every, str) or self.reinit_every == 0 or self.reinit_every < -1
+        ):
+            raise ConfigError(
+                f"reinit_every={self.reinit_every!r}: use -1 (a quarter of steps), a positive period "
+                "or 'auto' (adaptive)"
+            )
+        from .schedule import TRIGGERS
+
+        if self.reinit_trigger not in TRIGGERS:
+            raise ConfigError(f"reinit_trigger={self.reinit_trigger!r}: choose one of {', '.join(TRIGGERS)}")
+        if not self.reinit_travel > 0 or not 0 < self.reinit_flip < 1 or self.reinit_min_steps < 1:
+            raise ConfigError(
+                f"reinit_travel={self.reinit_travel} must be > 0, reinit_flip={self.reinit_flip} in (0, 1), "
+                f"reinit_min_steps={self.reinit_min_steps} >= 1"
+            )
+        if self.diag_every < 0 or self.diag_sample < 1:
+            raise ConfigError(f"diag_every={self.diag_every} must be >= 0 and diag_sample={self.diag_sample} >= 1")
+        if self.reinit_every == "auto" and self.method == "winq" and self.diag_every != 1:
+            raise ConfigError("reinit_every='auto' reads the diagnostics every step: leave diag_every at 1")
 
     @property
     def effective_reinit_every(self) -> int:
-        """Reset period in optimizer steps (0 = never: plain QAT)."""
-        if self.method == "qat":
+        """Fixed reset period in optimizer steps (0 = none: plain QAT, or the adaptive schedule)."""
+        if self.method == "qat" or self.reinit_every == "auto":
             return 0
         return max(1, self.steps // 4) if self.reinit_every == -1 else self.reinit_every
 

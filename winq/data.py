@@ -84,7 +84,8 @@ def load_documents(spec: str, split: str) -> list[str]:
         return [t for t in df[mask]["text"].tolist() if t.strip()]
     path = Path(spec)
     if not path.exists():
-        raise DataError(f"data {spec!r} not found: use one of the built-in sets ({', '.join(BUILTIN)}), a .txt/.jsonl file or a folder of them")
+        raise DataError(f"data {spec!r} not found: use one of the built-in sets ({', '.join(BUILTIN)}), a .txt/.jsonl "
+                        "file or a folder of them")
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".jsonl"))
         if not files:
@@ -112,7 +113,8 @@ def _fingerprint(spec: str) -> str:
         return f"{spec}@{md.version(pkg)}"
     p = Path(spec)
     if not p.exists():
-        raise DataError(f"data {spec!r} not found: use one of the built-in sets ({', '.join(BUILTIN)}), a .txt/.jsonl file or a folder of them")
+        raise DataError(f"data {spec!r} not found: use one of the built-in sets ({', '.join(BUILTIN)}), a .txt/.jsonl "
+                        "file or a folder of them")
     files = sorted(p.iterdir()) if p.is_dir() else [p]
     return ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 
@@ -153,10 +155,10 @@ def token_ids(spec: str, split: str, tokenizer, cache: bool = True, progress: bo
         raise DataError(f"{spec}/{split}: fewer than 2 tokens after tokenisation")
     ids = torch.tensor(pieces, dtype=torch.int32)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"ids": ids}, str(tmp), metadata={"spec": spec, "split": split})
-        os.replace(tmp, path)
+        from .fsutil import atomic_file
+
+        with atomic_file(path) as tmp:
+            save_file({"ids": ids}, str(tmp), metadata={"spec": spec, "split": split})
     return ids.long()
 
 
@@ -169,7 +171,8 @@ class PackedBlocks:
 
     def __post_init__(self):
         if len(self) < 1:
-            raise DataError(f"only {self.ids.numel()} tokens: need at least seq_len + 1 = {self.seq_len + 1} for one training block")
+            raise DataError(f"only {self.ids.numel()} tokens: need at least seq_len + 1 = {self.seq_len + 1} for one "
+                            "training block")
 
     def __len__(self) -> int:
         return max(0, (self.ids.numel() - 1) // self.seq_len)
@@ -189,8 +192,10 @@ def sample_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n_blocks, generator=g)
 
 
-def batch_indices(n_blocks: int, seed: int, micro_step: int, batch_size: int, rank: int = 0, world: int = 1) -> list[int]:
-    """Block indices for global micro-step `micro_step` on `rank`: deterministic, so a resumed run sees the same data."""
+def batch_indices(n_blocks: int, seed: int, micro_step: int, batch_size: int, rank: int = 0,
+                  world: int = 1) -> list[int]:
+    """Block indices for global micro-step `micro_step` on `rank`: deterministic, so a resumed run sees the same
+    data."""
     per_step = batch_size * world
     first = micro_step * per_step + rank * batch_size
     out = []

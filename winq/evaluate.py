@@ -27,6 +27,12 @@ import torch.nn.functional as F
 from .errors import ConfigError, DataError
 
 
+def lm_loss(model, block: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a (B, T + 1) block of ids (training, held-out loss, Hessian)."""
+    logits = model(input_ids=block[:, :-1]).logits  # (B, T, V)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), block[:, 1:].reshape(-1))
+
+
 @dataclass(frozen=True)
 class Window:
     begin: int  # first token of the window in the stream
@@ -62,7 +68,13 @@ class EvalResult:
     seconds: float
 
     def to_dict(self) -> dict:
-        return {"ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "windows": self.windows, "seconds": round(self.seconds, 3)}
+        return {
+            "ppl": self.ppl,
+            "nll": self.nll,
+            "tokens": self.tokens,
+            "windows": self.windows,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 @torch.no_grad()
@@ -73,7 +85,15 @@ def window_logits(model, ids: torch.Tensor, w: Window, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model, ids: torch.Tensor, seq_len: int = 512, stride: int | None = None, device="cpu", progress: bool = False, logits_hook=None) -> EvalResult:
+def perplexity(
+    model,
+    ids: torch.Tensor,
+    seq_len: int = 512,
+    stride: int | None = None,
+    device="cpu",
+    progress: bool = False,
+    logits_hook=None,
+) -> EvalResult:
     """Perplexity of `model` on the id stream (see the module docstring for the windows).
 
     logits_hook(window, logits) is called for every window (e.g. to compare backends).

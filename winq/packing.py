@@ -1,5 +1,7 @@
-"""Bit packing of integer codes into int32 words: the GPTQ layout, shared by the GPTQ exporter
-and the runtime's kernels.
+"""Bit packing of integer codes into int32 words: the GPTQ layout, shared by winq.formats.gptq
+and the runtime's kernels. Written here rather than taken from gptqmodel / auto-gptq: their
+packers start from float weights and re-quantize them (and need the optional extra); winq packs
+the trained integer codes as they are.
 
 Along the packed dimension the codes form one little-endian bit stream: code i occupies
 stream bits [i*b, (i+1)*b), and word k holds stream bits [32k, 32k+32) (bit 0 = least
@@ -52,7 +54,8 @@ def pack(codes: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     x = codes.movedim(dim, 0).to(torch.int64)
     K = x.shape[0]
     if K % P:
-        raise WinqError(f"cannot pack {K} codes of {bits} bits along dim {dim}: the length must be a multiple of {P} (pad first)")
+        raise WinqError(f"cannot pack {K} codes of {bits} bits along dim {dim}: the length must be a multiple of {P} "
+                        "(pad first)")
     if x.numel() and (x.min() < 0 or x.max() >= 2**bits):
         raise WinqError(f"codes out of range for {bits} bits: min {int(x.min())}, max {int(x.max())}")
     rest = x.shape[1:]

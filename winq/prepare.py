@@ -54,7 +54,8 @@ def prepare(model: nn.Module, cfg: QuantConfig, init: bool = True) -> nn.Module:
             f"(Llama, Qwen2, Mistral, ...). This model's weight-bearing modules: {', '.join(kinds)}"
         )
     if cfg.group_size != -1:
-        bad = [(n, model.get_submodule(n).in_features) for n in names if model.get_submodule(n).in_features % cfg.group_size]
+        widths = {n: model.get_submodule(n).in_features for n in names}
+        bad = [(n, k) for n, k in widths.items() if k % cfg.group_size]
         if bad:
             n, k = bad[0]
             raise ConfigError(

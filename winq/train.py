@@ -5,12 +5,18 @@ or `accelerate launch` (DDP; FSDP through an accelerate config). accelerate owns
 process group, device placement, mixed precision and gradient synchronisation; this file
 owns what makes it WinQ:
 
-* noise (ARCHITECTURE §4.2): every QuantLinear draws N(0, sigma^2) for W and for alpha in
-  each training forward, from one seeded generator (same on every rank, saved in the
-  checkpoint, so a resumed run draws the same noise);
-* periodic re-initialisation (§4.1): after every `reinit_every` optimizer steps (not at the
-  last step), W <- a W + (1 - a) Q(W) for every QuantLinear;
-* `method="qat"` turns both off: the ParetoQ baseline in the same loop.
+* noise (ARCHITECTURE §4.2): every QuantLinear adds sigma * N(0, 1) to W and to alpha in
+  each training forward, from one buffer refilled per forward (winq.noise: seeded, the same on
+  every rank, its draw counter saved in the checkpoint, so a resumed run draws the same noise);
+* re-initialisation (§4.1): W <- a W + (1 - a) Q(W) for every QuantLinear, every
+  `reinit_every` optimizer steps (not at the last step) or, with reinit_every="auto", when
+  the travel or plateau trigger of winq.schedule fires;
+* code-flip diagnostics (winq.diagnostics: flip_rate, oscillation, boundary_margin, travel)
+  after every optimizer step, in metrics.jsonl and the progress line;
+* `method="qat"` turns noise and resets off: the ParetoQ baseline in the same loop.
+
+The run goes build() -> loop(); each optimizer step is step() (forward/backward over the
+micro-batches, clip, AdamW) then after_step() (diagnostics, reset).
 
 Optimiser: AdamW over all parameters (latent weights, learned scales, embeddings, norms),
 linear warm-up then cosine decay, gradient accumulation, gradient-norm clipping.
@@ -22,21 +28,25 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import is_checkpoint, load_checkpoint, load_trainer_state, read_info, save_checkpoint
 from .config import QuantConfig, TrainConfig
 from .data import PackedBlocks, batch_indices, token_ids
+from .diagnostics import CodeTracker
 from .errors import CheckpointError, ConfigError
+from .evaluate import lm_loss
 from .models import load_base_model
+from .noise import NoiseSource
 from .prepare import prepare, quant_layers
+from .schedule import ResetSchedule
 
 METRICS = "metrics.jsonl"
 
@@ -80,7 +90,9 @@ def optimizer_state_tensors(opt, model) -> dict[str, torch.Tensor]:
         n = names[id(p)]
         for k, v in st.items():
             if torch.is_tensor(v):
-                out[f"{n}::{k}"] = v.detach().to("cpu").reshape(-1).contiguous() if v.dim() == 0 else v.detach().to("cpu").contiguous()
+                out[f"{n}::{k}"] = (
+                    v.detach().to("cpu").reshape(-1).contiguous() if v.dim() == 0 else v.detach().to("cpu").contiguous()
+                )
     return out
 
 
@@ -95,24 +107,17 @@ def load_optimizer_state(opt, model, tensors: dict[str, torch.Tensor]) -> None:
         st[k] = v.reshape(()).to(p.device) if k == "step" else v.to(p.device)
 
 
-def _rng_state(noise_gen: torch.Generator) -> dict[str, torch.Tensor]:
-    st = {"cpu": torch.get_rng_state(), "noise": noise_gen.get_state()}
+def _rng_state() -> dict[str, torch.Tensor]:
+    st = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         st["cuda"] = torch.cuda.get_rng_state()
     return st
 
 
-def _set_rng_state(st: dict[str, torch.Tensor], noise_gen: torch.Generator) -> None:
+def _set_rng_state(st: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(st["cpu"])
-    noise_gen.set_state(st["noise"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state(st["cuda"])
-
-
-def lm_loss(model, block: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of a (B, T + 1) block of ids."""
-    logits = model(input_ids=block[:, :-1]).logits  # (B, T, V)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), block[:, 1:].reshape(-1))
 
 
 @torch.no_grad()
@@ -139,26 +144,18 @@ def winq_reinit(model, a: float) -> int:
     return len(layers)
 
 
-def set_noise(model, sigma: float, generator: torch.Generator | None) -> None:
-    for m in quant_layers(model).values():
-        m.noise_sigma = sigma
-        m.noise_generator = generator
-
-
 def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         return
     if out.exists() and not is_checkpoint(out) and all(p.name == METRICS for p in out.iterdir()):
-        import shutil
-
         shutil.rmtree(out)  # the log of an earlier run that failed before its first save
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise CheckpointError(f"{out} already exists: pass --resume to continue that run or --overwrite to replace it")
+            raise CheckpointError(
+                f"{out} already exists: pass --resume to continue that run or --overwrite to replace it"
+            )
         if not is_checkpoint(out) and any(p.name != METRICS for p in out.iterdir()):
             raise CheckpointError(f"{out} exists and is not a winq checkpoint; refusing to overwrite it")
-        import shutil
-
         shutil.rmtree(out)
 
 
@@ -184,211 +181,360 @@ def train(
     training batches; hessian_options: batches (2), batch_size, seq_len (the run's), and any
     winq.analysis.spectrum() keyword (top_k 4, probes 2, steps 8 by default). Single process only.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType
-
     if threads:
         torch.set_num_threads(threads)
-    out = Path(out)
-    t_start = time.time()
-    state = None
-    if resume:
-        if not is_checkpoint(out):
-            raise CheckpointError(f"--resume: {out} holds no winq checkpoint to resume; run without --resume to start one")
-        info = read_info(out)
-        qcfg = QuantConfig.from_dict(info["quant"])
-        tcfg = TrainConfig.from_dict(info["train"])
-        model, data, eval_data = info.get("base_model"), info.get("data", data), info.get("eval_data", eval_data)
-        state = load_trainer_state(out)
-        if state is None:
-            raise CheckpointError(f"{out} has no trainer_state/: it is a final export-only checkpoint and cannot be resumed")
-        if state["json"].get("fsdp"):
-            raise CheckpointError(
-                f"{out} was written by an FSDP run, whose sharded AdamW state winq does not save: exact resume is "
-                "supported for single-process and DDP runs (the weights themselves load with winq.checkpoint.load_checkpoint)"
+    run = _Run(Path(out), model, data, eval_data, qcfg, tcfg, resume, overwrite)
+    run.build(progress)
+    run.setup_hessian(hessian_every, hessian_options)
+    return run.loop(progress, callbacks or [])
+
+
+class _Run:
+    """One training run, in the order train() calls it: resolve (here), build, loop."""
+
+    def __init__(self, out: Path, model, data, eval_data, qcfg, tcfg, resume: bool, overwrite: bool):
+        self.out, self.t_start, self.state = out, time.time(), None
+        if resume:
+            if not is_checkpoint(out):
+                raise CheckpointError(
+                    f"--resume: {out} holds no winq checkpoint to resume; run without --resume to start one"
+                )
+            info = read_info(out)
+            qcfg, tcfg = QuantConfig.from_dict(info["quant"]), TrainConfig.from_dict(info["train"])
+            model, data, eval_data = info.get("base_model"), info.get("data", data), info.get("eval_data", eval_data)
+            self.state = load_trainer_state(out)
+            if self.state is None:
+                raise CheckpointError(
+                    f"{out} has no trainer_state/: it is a final export-only checkpoint and cannot be resumed"
+                )
+            if self.state["json"].get("fsdp"):
+                raise CheckpointError(
+                    f"{out} was written by an FSDP run, whose sharded AdamW state winq does not save: exact resume is "
+                    "supported for single-process and DDP runs "
+                    "(the weights themselves load with winq.checkpoint.load_checkpoint)"
+                )
+        self.model_arg, self.data, self.eval_data, self.qcfg, self.tcfg = model, data, eval_data, qcfg, tcfg
+        _prepare_out(out, resume, overwrite)
+
+    # ---- build: accelerator, model, data, noise, optimizer, diagnostics, schedule -------------
+    def build(self, progress: bool) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedType
+
+        tcfg, qcfg = self.tcfg, self.qcfg
+        # mixed precision is our own autocast (accelerate's is process-global state: two runs in one
+        # process with different precisions would clash)
+        # cpu=True without a GPU: accelerate then runs torchrun-launched CPU processes as DDP over gloo
+        # gradient accumulation through accelerate: accumulate() skips the DDP all-reduce on all but the
+        # last micro-batch, backward() divides the loss by grad_accum
+        acc = self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(), gradient_accumulation_steps=tcfg.grad_accum
+        )
+        self.device, self.is_main = acc.device, acc.is_main_process
+        torch.manual_seed(tcfg.seed)
+        if self.state is not None:
+            net, tok, _ = load_checkpoint(self.out, device="cpu")
+            self.base_path = self.model_arg
+        else:
+            net, tok, self.base_path = load_base_model(self.model_arg)
+            prepare(net, qcfg)
+        net.config.use_cache = False
+        net.train()
+        self.tok = tok
+        show = progress and self.is_main
+        self.blocks = PackedBlocks(token_ids(self.data, "train", tok, progress=show), tcfg.seq_len)
+        self.held = None
+        if tcfg.eval_every:
+            self.held = PackedBlocks(token_ids(self.eval_data or self.data, "valid", tok, progress=show), tcfg.seq_len)
+
+        net.to(self.device)
+        layers = quant_layers(net)
+        for m in layers.values():
+            m.noise_sigma = tcfg.effective_noise
+        self.noise = NoiseSource(net, tcfg.seed + 1, layers) if tcfg.effective_noise > 0 else None
+        self.opt = torch.optim.AdamW(_param_groups(net, tcfg), betas=(0.9, 0.95), eps=1e-8)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, tcfg))
+        self.model_w, self.opt_w = acc.prepare(net, self.opt)
+        self.world, self.rank = acc.num_processes, acc.process_index
+        self.fsdp = acc.distributed_type == DistributedType.FSDP
+        self.schedule = ResetSchedule.from_config(tcfg)
+        if self.fsdp and self.schedule.needs_diagnostics:
+            raise ConfigError(
+                "--reinit-every auto reads the weights every step; it runs with DDP or one process, not FSDP"
             )
-    _prepare_out(out, resume, overwrite)
+        self.tracker = CodeTracker(layers, tcfg.diag_sample) if tcfg.diag_every and not self.fsdp else None
+        self.tokens_per_step = tcfg.batch_size * tcfg.grad_accum * tcfg.seq_len * self.world
+        self.start_step, self.records = 0, []
+        if self.state is not None:
+            self._restore(self.state, net)
+        elif self.tracker is not None:
+            self.tracker.start()
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / METRICS, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.records)
 
-    # mixed precision is our own autocast (accelerate's is process-global state: two runs in one
-    # process with different precisions would clash)
-    # cpu=True without a GPU: accelerate then runs torchrun-launched CPU processes as DDP over gloo
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    device = accelerator.device
-    is_main = accelerator.is_main_process
-    torch.manual_seed(tcfg.seed)
+    def _restore(self, state: dict, net) -> None:
+        load_optimizer_state(self.opt, net, state["optimizer"])
+        _set_rng_state(state["rng"])
+        js = state["json"]
+        self.start_step = int(js["step"])
+        self.sched.last_epoch = self.start_step  # the lr of the next step, as an uninterrupted run has it
+        for g, lr in zip(self.opt.param_groups, self.sched.get_lr()):
+            g["lr"] = lr
+        if self.noise is not None and "noise" in js:
+            self.noise.load_state_dict(js["noise"])
+        self.schedule.load_state(js.get("schedule", {}))
+        if self.tracker is not None:
+            self.tracker.load_state_tensors(state.get("diagnostics", {}))
+            if self.tracker.reset_codes is None:
+                self.tracker.start()
+        if (self.out / METRICS).exists():
+            recs = [json.loads(line) for line in (self.out / METRICS).read_text().splitlines() if line.strip()]
+            self.records = [r for r in recs if r.get("step", 0) <= self.start_step]
 
-    if resume:
-        net, tok, _ = load_checkpoint(out, device="cpu")
-        base_path = model
-    else:
-        net, tok, base_path = load_base_model(model)
-        prepare(net, qcfg)
-    net.config.use_cache = False
-    net.train()
-
-    ids = token_ids(data, "train", tok, progress=progress and is_main)
-    blocks = PackedBlocks(ids, tcfg.seq_len)
-    held = None
-    if tcfg.eval_every:
-        held = PackedBlocks(token_ids(eval_data or data, "valid", tok, progress=progress and is_main), tcfg.seq_len)
-
-    net.to(device)
-    noise_gen = torch.Generator(device=device).manual_seed(tcfg.seed + 1)
-    set_noise(net, tcfg.effective_noise, noise_gen)
-    opt = torch.optim.AdamW(_param_groups(net, tcfg), betas=(0.9, 0.95), eps=1e-8)
-
-    start_step = 0
-    records: list[dict] = []
-    if state is not None:
-        load_optimizer_state(opt, net, state["optimizer"])
-        _set_rng_state(state["rng"], noise_gen)
-        start_step = int(state["json"]["step"])
-        if (out / METRICS).exists():
-            records = [json.loads(l) for l in (out / METRICS).read_text().splitlines() if l.strip()]
-            records = [r for r in records if r.get("step", 0) <= start_step]
-
-    model_w, opt_w = accelerator.prepare(net, opt)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
-    R = tcfg.effective_reinit_every
-    hess_batches, hess_kw = None, {}
-    if hessian_every:
-        if hessian_every < 0 or world > 1:
-            raise ConfigError(f"hessian_every={hessian_every}: must be >= 0, and the Hessian log runs in single-process training only (world size {world})")
+    def setup_hessian(self, every: int, options: dict | None) -> None:
+        self.hessian_every, self.hess_batches, self.hess_kw = every, None, {}
+        if not every:
+            return
+        if every < 0 or self.world > 1:
+            raise ConfigError(
+                f"hessian_every={every}: must be >= 0, and the Hessian log runs in single-process training only "
+                f"(world size {self.world})"
+            )
         from .analysis import fixed_batches
 
-        hess_kw = {"top_k": 4, "probes": 2, "steps": 8, **(hessian_options or {})}
-        nb, hb, hl = hess_kw.pop("batches", 2), hess_kw.pop("batch_size", tcfg.batch_size), hess_kw.pop("seq_len", tcfg.seq_len)
-        hess_batches = [b.to(device) for b in fixed_batches(blocks.ids, nb, hb, hl)]
-    tokens_per_step = tcfg.batch_size * tcfg.grad_accum * tcfg.seq_len * world
+        kw = {"top_k": 4, "probes": 2, "steps": 8, **(options or {})}
+        nb, hb, hl = (
+            kw.pop("batches", 2),
+            kw.pop("batch_size", self.tcfg.batch_size),
+            kw.pop("seq_len", self.tcfg.seq_len),
+        )
+        self.hess_batches = [b.to(self.device) for b in fixed_batches(self.blocks.ids, nb, hb, hl)]
+        self.hess_kw = kw
 
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / METRICS, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+    # ---- one optimizer step -------------------------------------------------------------------
+    def _unwrapped(self):
+        return self.accelerator.unwrap_model(self.model_w)
 
-    meta = {
-        "base_model": str(base_path) if base_path is not None else None,
-        "data": data,
-        "eval_data": eval_data,
-        "method": tcfg.method,
-        "world_size": world,
-    }
+    def step(self, step: int) -> tuple[float, float | None]:
+        """Forward/backward over the micro-batches of optimizer step `step` (0-based) and the update."""
+        tcfg, acc = self.tcfg, self.accelerator
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(tcfg.grad_accum):
+            idx = batch_indices(
+                len(self.blocks), tcfg.seed, step * tcfg.grad_accum + micro, tcfg.batch_size, self.rank, self.world
+            )
+            batch = self.blocks.batch(idx).to(self.device)
+            amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
+            with acc.accumulate(self.model_w):
+                with amp:
+                    loss = lm_loss(self.model_w, batch)
+                acc.backward(loss)
+            loss_sum += loss.detach() / tcfg.grad_accum
+        gnorm = acc.clip_grad_norm_(self.model_w.parameters(), tcfg.max_grad_norm) if tcfg.max_grad_norm > 0 else None
+        self.opt_w.step()
+        self.sched.step()
+        self.opt_w.zero_grad(set_to_none=True)
+        loss_val = acc.reduce(loss_sum, reduction="mean").item()
+        if not math.isfinite(loss_val):
+            raise ConfigError(
+                f"loss became {loss_val} at step {step + 1}: lower --lr (now {tcfg.lr}) or use --precision fp32"
+            )
+        return loss_val, (float(gnorm) if gnorm is not None else None)
 
-    def _save(step: int, final: bool) -> None:
-        sd = accelerator.get_state_dict(model_w) if fsdp else None
-        if not is_main:
+    def after_step(self, done: int, lr: float) -> tuple[dict | None, dict | None]:
+        """Diagnostics of the updated weights, then the reset if the schedule calls for one."""
+        diag = None
+        if self.tracker is not None and (done % self.tcfg.diag_every == 0 or self.schedule.needs_diagnostics):
+            diag = self.tracker.measure(lr)
+        self.schedule.observe(done, diag)
+        trigger = self.schedule.decide(done, diag)
+        if self.world > 1 and self.schedule.needs_diagnostics:
+            from accelerate.utils import broadcast_object_list
+
+            trigger = broadcast_object_list([trigger], from_process=0)[0]  # rank 0 decides for all
+        if trigger is None:
+            return diag, None
+        if self.fsdp:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            with FSDP.summon_full_params(self.model_w, writeback=True):
+                winq_reinit(self._unwrapped(), self.tcfg.reinit_alpha)
+        else:
+            winq_reinit(self._unwrapped(), self.tcfg.reinit_alpha)
+        entry = self.schedule.record(done, trigger, diag)
+        if self.tracker is not None:
+            self.tracker.start()
+        return diag, entry
+
+    # ---- logging, progress, checkpoints -------------------------------------------------------
+    def _log(self, rec: dict) -> None:
+        self.records.append(rec)
+        if self.is_main:
+            with open(self.out / METRICS, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def _heldout(self) -> float:
+        t = self.tcfg
+        return round(
+            heldout_loss(self._unwrapped(), self.held, t.eval_batches * t.batch_size, t.batch_size, self.device), 6
+        )
+
+    def save(self, step: int, final: bool) -> None:
+        acc = self.accelerator
+        sd = acc.get_state_dict(self.model_w) if self.fsdp else None
+        if not self.is_main:
             return
-        unwrapped = accelerator.unwrap_model(model_w)
+        unwrapped = self._unwrapped()
         if sd is not None:
             sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
             if getattr(unwrapped.config, "tie_word_embeddings", False):
                 sd.pop("lm_head.weight", None)
-        ts = {
-            "optimizer": optimizer_state_tensors(opt, unwrapped) if not fsdp else {},
-            "rng": _rng_state(noise_gen),
-            "json": {"step": step, "world_size": world, "final": final, "fsdp": fsdp},
+        js = {
+            "step": step,
+            "world_size": self.world,
+            "final": final,
+            "fsdp": self.fsdp,
+            "schedule": self.schedule.state(),
         }
-        save_checkpoint(out, unwrapped, tok, qcfg, tcfg, {**meta, "step": step}, ts, state_dict=sd)
+        if self.noise is not None:
+            js["noise"] = self.noise.state_dict()
+        ts = {
+            "optimizer": optimizer_state_tensors(self.opt, unwrapped) if not self.fsdp else {},
+            "rng": _rng_state(),
+            "diagnostics": self.tracker.state_tensors() if self.tracker is not None else {},
+            "json": js,
+        }
+        meta = {
+            "base_model": str(self.base_path) if self.base_path is not None else None,
+            "data": self.data,
+            "eval_data": self.eval_data,
+            "method": self.tcfg.method,
+            "world_size": self.world,
+            "step": step,
+        }
+        save_checkpoint(self.out, unwrapped, self.tok, self.qcfg, self.tcfg, meta, ts, state_dict=sd)
 
-    if held is not None and start_step == 0:  # the starting point of the held-out curve
-        rec0 = {"step": 0, "eval_loss": round(heldout_loss(accelerator.unwrap_model(model_w), held, tcfg.eval_batches * tcfg.batch_size, tcfg.batch_size, device), 6)}
-        records.append(rec0)
-        if is_main:
-            with open(out / METRICS, "a") as f:
-                f.write(json.dumps(rec0) + "\n")
-    last_loss = None
-    bar = None
-    if progress and is_main:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        bar = Progress(
-            TextColumn(f"[bold]{tcfg.method} {qcfg.grid}{qcfg.bits}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+    def loop(self, progress: bool, callbacks: list) -> TrainResult:
+        tcfg = self.tcfg
+        if self.held is not None and self.start_step == 0:  # the starting point of the held-out curve
+            self._log({"step": 0, "eval_loss": self._heldout()})
+        bar = (
+            Progress(tcfg.steps, self.start_step, f"{tcfg.method} {self.qcfg.grid}{self.qcfg.bits}")
+            if progress and self.is_main
+            else None
         )
-        bar.start()
-        task = bar.add_task("train", total=tcfg.steps, completed=start_step, info="")
-    saved_any = is_checkpoint(out)
-    try:
-        for step in range(start_step, tcfg.steps):
-            t0 = time.time()
-            factor = lr_factor(step, tcfg)
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * factor
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(tcfg.grad_accum):
-                idx = batch_indices(len(blocks), tcfg.seed, step * tcfg.grad_accum + micro, tcfg.batch_size, rank, world)
-                batch = blocks.batch(idx).to(device)
-                sync = micro == tcfg.grad_accum - 1
-                ctx = accelerator.no_sync(model_w) if (not sync and world > 1) else _null()
-                amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
-                with ctx, amp:
-                    loss = lm_loss(model_w, batch) / tcfg.grad_accum
-                accelerator.backward(loss)
-                loss_sum += loss.detach()
-            if tcfg.max_grad_norm > 0:
-                gnorm = accelerator.clip_grad_norm_(model_w.parameters(), tcfg.max_grad_norm)
-            else:
-                gnorm = None
-            opt_w.step()
-            opt_w.zero_grad(set_to_none=True)
-            done = step + 1
-            reset = bool(R) and done % R == 0 and done < tcfg.steps
-            if reset:
-                if fsdp:
-                    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        saved_any, last_loss = is_checkpoint(self.out), None
+        try:
+            for step in range(self.start_step, tcfg.steps):
+                t0 = time.time()
+                lr = self.opt.param_groups[0]["lr"]
+                loss, gnorm = self.step(step)
+                done = step + 1
+                diag, reset = self.after_step(done, lr)
+                dt = time.time() - t0
+                last_loss = loss
+                rec = {
+                    "step": done,
+                    "loss": round(loss, 6),
+                    "lr": lr,
+                    "grad_norm": round(gnorm, 6) if gnorm is not None else None,
+                    "tokens_per_s": round(self.tokens_per_step / dt, 2),
+                    "step_s": round(dt, 4),
+                    "reset": reset is not None,
+                }
+                if diag is not None:
+                    rec.update({k: float(f"{v:.6g}") for k, v in diag.items()})
+                if reset is not None:
+                    rec["reset_info"] = reset
+                if self.held is not None and (done % tcfg.eval_every == 0 or done == tcfg.steps):
+                    rec["eval_loss"] = self._heldout()
+                if self.hess_batches is not None and done % self.hessian_every == 0:
+                    from .analysis import model_spectrum
 
-                    with FSDP.summon_full_params(model_w, writeback=True):
-                        winq_reinit(accelerator.unwrap_model(model_w), tcfg.reinit_alpha)
-                else:
-                    winq_reinit(accelerator.unwrap_model(model_w), tcfg.reinit_alpha)
-            loss_val = accelerator.reduce(loss_sum, reduction="mean").item()
-            if not math.isfinite(loss_val):
-                raise ConfigError(f"loss became {loss_val} at step {done}: lower --lr (now {tcfg.lr}) or use --precision fp32")
-            last_loss = loss_val
-            dt = time.time() - t0
-            rec = {
-                "step": done, "loss": round(loss_val, 6), "lr": opt.param_groups[0]["lr"],
-                "grad_norm": round(float(gnorm), 6) if gnorm is not None else None,
-                "tokens_per_s": round(tokens_per_step / dt, 2), "step_s": round(dt, 4), "reset": reset,
-            }
-            if held is not None and (done % tcfg.eval_every == 0 or done == tcfg.steps):
-                rec["eval_loss"] = round(heldout_loss(accelerator.unwrap_model(model_w), held, tcfg.eval_batches * tcfg.batch_size, tcfg.batch_size, device), 6)
-            if hess_batches is not None and done % hessian_every == 0:
-                from .analysis import model_spectrum
-
-                rec["hessian"] = model_spectrum(accelerator.unwrap_model(model_w), hess_batches, **hess_kw).brief()
-            records.append(rec)
-            if is_main:
-                with open(out / METRICS, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                    rec["hessian"] = model_spectrum(self._unwrapped(), self.hess_batches, **self.hess_kw).brief()
+                self._log(rec)
+                if bar is not None:
+                    bar.update(rec)
+                if tcfg.save_every and done % tcfg.save_every == 0 and done < tcfg.steps:
+                    self.save(done, final=False)
+                for cb in callbacks:
+                    cb(dict(rec, out=str(self.out)))
+            self.save(tcfg.steps, final=True)
+        except BaseException:
+            # a run that never saved leaves nothing behind (its live log included)
+            if self.is_main and not saved_any and not is_checkpoint(self.out):
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
+        finally:
             if bar is not None:
-                info = f"loss {loss_val:.4f} lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s" + (" [reset]" if reset else "")
-                if "eval_loss" in rec:
-                    info += f" eval {rec['eval_loss']:.4f}"
-                bar.update(task, completed=done, info=info)
-            if tcfg.save_every and done % tcfg.save_every == 0 and done < tcfg.steps:
-                _save(done, final=False)
-            for cb in callbacks or ():
-                cb(dict(rec, out=str(out)))
-        _save(tcfg.steps, final=True)
-    except BaseException:
-        # a run that never saved leaves nothing behind (its live log included)
-        if is_main and not saved_any and not is_checkpoint(out):
-            import shutil
-
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    finally:
-        if bar is not None:
-            bar.stop()
-    accelerator.wait_for_everyone()
-    return TrainResult(out=out, step=tcfg.steps, final_loss=last_loss, seconds=time.time() - t_start, records=records)
+                bar.stop()
+            if self.noise is not None:
+                self.noise.remove()
+        self.accelerator.wait_for_everyone()
+        return TrainResult(
+            out=self.out,
+            step=tcfg.steps,
+            final_loss=last_loss,
+            seconds=time.time() - self.t_start,
+            records=self.records,
+        )
 
 
-class _null:
-    def __enter__(self):
-        return self
+def _brief(rec: dict) -> str:
+    """The short form of a metrics record for the progress line."""
+    info = f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s"
+    if "flip_rate" in rec:
+        info += f" flip {rec['flip_rate']:.1e} travel {rec['travel']:.2f}"
+    if rec.get("reset"):
+        info += f" [reset: {rec['reset_info']['trigger']}]"
+    if "eval_loss" in rec:
+        info += f" eval {rec['eval_loss']:.4f}"
+    return info
 
-    def __exit__(self, *a):
-        return False
+
+class Progress:
+    """A rich progress bar on a terminal; elsewhere (a log file, CI) a plain line now and then."""
+
+    EVERY, SECONDS = 10, 30.0
+
+    def __init__(self, total: int, start: int, label: str):
+        self.total, self.label = total, label
+        self.tty = sys.stdout.isatty()
+        self.last_print = time.time()
+        if self.tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self.bar = RichProgress(
+                TextColumn(f"[bold]{label}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+
+    def update(self, rec: dict) -> None:
+        done = rec["step"]
+        if self.tty:
+            self.bar.update(self.task, completed=done, info=_brief(rec))
+            return
+        now = time.time()
+        if (
+            done in (1, self.total)
+            or done % self.EVERY == 0
+            or rec.get("reset")
+            or "eval_loss" in rec
+            or now - self.last_print >= self.SECONDS
+        ):
+            print(f"{self.label} step {done}/{self.total} {_brief(rec)}", flush=True)
+            self.last_print = now
+
+    def stop(self) -> None:
+        if self.tty:
+            self.bar.stop()

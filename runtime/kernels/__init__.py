@@ -11,14 +11,14 @@ a submodule sets it as an attribute of the package, which would replace the func
 
 `unpack_gemm` below dispatches: Triton for CUDA tensors, the torch reference otherwise.
 Importing this package does not import triton (ARCHITECTURE §1); the Triton module is imported
-on the first CUDA call, and a missing triton raises MissingDependencyError with the pip command.
+on the first CUDA call, and a missing triton raises MissingDependencyError with the pip command (winq.errors.require).
 """
 
 from __future__ import annotations
 
 import torch
 
-from winq.errors import MissingDependencyError
+from winq.errors import require
 
 from .unpack_gemm_reference import check_inputs, dequantize_packed, packed_rows
 from .unpack_gemm_reference import unpack_gemm as unpack_gemm_torch
@@ -27,23 +27,20 @@ __all__ = ["unpack_gemm", "unpack_gemm_torch", "unpack_gemm_triton", "check_inpu
 
 
 def _triton_module():
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        raise MissingDependencyError(
-            "triton is not installed: run `pip install 'winq[kernels]'` (or `pip install triton`) for the CUDA kernels"
-        ) from e
+    require("triton", extra="kernels", purpose="the CUDA unpack-GEMM kernel")
     from . import unpack_gemm_kernel as mod
 
     return mod
 
 
-def unpack_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def unpack_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                       group_size: int) -> torch.Tensor:
     """The Triton kernel (see unpack_gemm_kernel.unpack_gemm); imports triton on first use."""
     return _triton_module().unpack_gemm(x, qweight, scales, zeros, bits, group_size)
 
 
-def unpack_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def unpack_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                group_size: int) -> torch.Tensor:
     """y = x @ Wt with Wt[k, n] = scales[k // g, n] * (q[k, n] - zeros[k // g, n]) from GPTQ words.
 
     x        float16 | bfloat16 | float32  (M, K)

@@ -141,8 +141,10 @@ def _unpack_gemm_kernel(
                 acc += s[None, :] * (d - rs[:, None] * z[None, :])
         else:  # the tile spans groups: dequantize it (rounds W to x's dtype)
             g = offs_k // GROUP_SIZE  # (BK,)
-            s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=qmask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g[:, None] * stride_zg + offs_n[None, :] * stride_zn, mask=qmask, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=qmask,
+                        other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g[:, None] * stride_zg + offs_n[None, :] * stride_zn, mask=qmask,
+                        other=0.0).to(tl.float32)
             wt = (s * (q.to(tl.float32) - z)).to(x.dtype)  # (BK, BN)
             if DOT_F32:
                 acc += tl.dot(x.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
@@ -247,7 +249,8 @@ def _prune(configs, named_args, **kwargs):
             stages -= 1
         cfg = triton.Config(kw, num_warps=c.num_warps, num_stages=stages)
         if smem_estimate(kw, stages, x_bytes, straddle) > SMEM_BUDGET:
-            if smallest is None or smem_estimate(kw, 2, x_bytes, straddle) < smem_estimate(smallest.kwargs, 2, x_bytes, straddle):
+            if smallest is None or smem_estimate(kw, 2, x_bytes, straddle) < smem_estimate(smallest.kwargs, 2, x_bytes,
+                                                                                           straddle):
                 smallest = cfg
             continue
         key = (tuple(sorted(kw.items())), c.num_warps, stages)
@@ -278,7 +281,8 @@ def _parse_config(text: str) -> dict:
     for item in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = item.partition("=")
         if not sep or name.strip() not in CONFIG_KEYS:
-            raise WinqError(f"WINQ_UNPACK_GEMM_CONFIG: bad item {item!r}; use NAME=int with NAME in {', '.join(CONFIG_KEYS)}")
+            raise WinqError(f"WINQ_UNPACK_GEMM_CONFIG: bad item {item!r}; use NAME=int with NAME in "
+                            f"{', '.join(CONFIG_KEYS)}")
         cfg[name.strip()] = int(value)
     return cfg
 
@@ -348,7 +352,8 @@ def launch(x, qweight, scales, zeros, bits, group_size, config: dict | None = No
         x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
         zeros.stride(0), zeros.stride(1), y.stride(0), y.stride(1),
     )
-    consts = dict(BITS=bits, CODE_MASK=2**bits - 1, GROUP_SIZE=gs_const, ONE_GROUP=one_group, STRADDLE=32 % bits != 0, DOT_F32=_dot_f32(x.dtype))
+    consts = dict(BITS=bits, CODE_MASK=2**bits - 1, GROUP_SIZE=gs_const, ONE_GROUP=one_group, STRADDLE=32 % bits != 0,
+                  DOT_F32=_dot_f32(x.dtype))
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
@@ -365,7 +370,8 @@ def launch(x, qweight, scales, zeros, bits, group_size, config: dict | None = No
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def unpack_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def unpack_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                group_size: int) -> torch.Tensor:
     """y = x @ Wt, Wt the dequantized GPTQ weight; Triton, CUDA tensors (CPU under TRITON_INTERPRET=1).
 
     x        float16 | bfloat16 | float32  (M, K)                  activations, any strides

@@ -75,7 +75,8 @@ def check_inputs(x, qweight, scales, zeros, bits, group_size) -> tuple[int, int,
     return M, N, K, G
 
 
-def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int, K: int) -> torch.Tensor:
+def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+                      K: int) -> torch.Tensor:
     """float32 Wt (K, N) = float32(scales[k // g]) * (q[k] - zeros[k // g]) from GPTQ words."""
     q = unpack(qweight, bits, dim=0)[:K].to(torch.float32)  # (K, N); drops the period padding
     N = q.shape[1]
@@ -85,7 +86,8 @@ def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
     return (scales.to(torch.float32)[:, None, :] * lev).reshape(K, N)
 
 
-def unpack_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def unpack_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                group_size: int) -> torch.Tensor:
     """y = x @ Wt, Wt the dequantized GPTQ weight; torch, any device.
 
     x        float16 | bfloat16 | float32  (M, K)                  activations, any strides

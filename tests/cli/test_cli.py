@@ -43,7 +43,8 @@ def assert_clean_error(r, *needles: str, one_line: bool = True) -> str:
 
 
 def train_args(model, data, out, *extra):
-    return ["train", "--model", model, "--data", data, "--steps", 3, "--seq-len", 16, "--out", out, "--no-progress", *extra]
+    return ["train", "--model", model, "--data", data, "--steps", 3, "--seq-len", 16, "--out", out, "--no-progress",
+            *extra]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,8 @@ def test_eval_fakequant_and_fp_on_the_same_tokens(ckpt, tiny_llama, text_file):
 
 
 def test_eval_fp_alone_needs_no_checkpoint(tiny_llama, text_file):
-    r = invoke("eval", "--backend", "fp", "--model", tiny_llama, "--data", text_file, "--seq-len", 32, "--max-tokens", 100, "--json")
+    r = invoke("eval", "--backend", "fp", "--model", tiny_llama, "--data", text_file, "--seq-len", 32, "--max-tokens",
+               100, "--json")
     assert r.exit_code == 0, (r.output, r.exception)
     res = json.loads(r.stdout)["results"]
     assert list(res) == ["fp"] and res["fp"]["tokens"] == 99
@@ -171,7 +173,8 @@ def test_eval_without_checkpoint(text_file):
 
 
 def test_eval_unknown_backend(ckpt, text_file):
-    assert_clean_error(invoke("eval", "--backend", "fakequant,tensorrt", "--checkpoint", ckpt, "--data", text_file), "tensorrt", "choose from fakequant, packed, fp, gptq")
+    assert_clean_error(invoke("eval", "--backend", "fakequant,tensorrt", "--checkpoint", ckpt, "--data", text_file),
+                       "tensorrt", "choose from fakequant, packed, fp, gptq")
 
 
 def test_eval_missing_data_file(ckpt, tmp_path):
@@ -190,7 +193,8 @@ def test_eval_bad_split(ckpt, text_file):
 
 
 def test_eval_bad_stride(ckpt, text_file):
-    assert_clean_error(invoke("eval", "--checkpoint", ckpt, "--data", text_file, "--seq-len", 16, "--stride", 32), "stride=32")
+    assert_clean_error(invoke("eval", "--checkpoint", ckpt, "--data", text_file, "--seq-len", 16, "--stride", 32),
+                       "stride=32")
 
 
 def test_train_into_an_existing_checkpoint_suggests_resume(ckpt, tmp_path, tiny_llama, text_file):

@@ -39,7 +39,8 @@ def test_export_gguf_writes_file_and_record(gguf_file):
 
 
 def test_export_gguf_json_and_type_option(ck4, tmp_path):
-    r = invoke("export", "--format", "gguf", "--checkpoint", ck4, "--out", tmp_path / "m.gguf", "--type", "q8_0", "--keep", "f32", "--json")
+    r = invoke("export", "--format", "gguf", "--checkpoint", ck4, "--out", tmp_path / "m.gguf", "--type", "q8_0",
+               "--keep", "f32", "--json")
     assert r.exit_code == 0, (r.output, r.exception)
     out = json.loads(r.stdout)
     assert out["info"]["types"] == ["Q8_0"] and out["summary"]["max_abs_err"] == 0.0
@@ -58,7 +59,8 @@ def test_export_gguf_type_that_cannot_hold_the_grid(ck4, tmp_path):
 
 
 def test_export_option_of_another_format(ck4, tmp_path):
-    r = invoke("export", "--format", "gguf", "--checkpoint", ck4, "--out", tmp_path / "m.gguf", "--checkpoint-format", "gptq_v2")
+    r = invoke("export", "--format", "gguf", "--checkpoint", ck4, "--out", tmp_path / "m.gguf", "--checkpoint-format",
+               "gptq_v2")
     assert_clean_error(r, "--checkpoint-format is an option of --format gptq")
     r = invoke("export", "--format", "gptq", "--checkpoint", ck4, "--out", tmp_path / "g", "--type", "q4_0")
     assert_clean_error(r, "--type is an option of --format gguf")
@@ -86,7 +88,8 @@ def test_eval_llamacpp_needs_gguf(ck4, text_file):
 
 def test_eval_llamacpp_missing_file(ck4, text_file, tmp_path):
     pytest.importorskip("llama_cpp", reason=LLAMACPP_REASON)
-    r = invoke("eval", "--backend", "llamacpp", "--gguf", tmp_path / "nope.gguf", "--checkpoint", ck4, "--data", text_file)
+    r = invoke("eval", "--backend", "llamacpp", "--gguf", tmp_path / "nope.gguf", "--checkpoint", ck4, "--data",
+               text_file)
     assert_clean_error(r, "nope.gguf not found")
 
 

@@ -86,14 +86,16 @@ def test_bench_fakequant_packed_and_fp_baseline(ckpt, tmp_path):
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     text = flat(r.stdout)
-    for needle in ("backend", "prefill", "decode", "tok/s", "peak", "fakequant", "packed", "fp", "baseline", f"wrote {out}"):
+    for needle in ("backend", "prefill", "decode", "tok/s", "peak", "fakequant", "packed", "fp", "baseline", "wrote "
+                                                                                                             f"{out}"):
         assert needle in text, needle
     assert "[1/3] fakequant" in r.stderr and "[3/3] packed" in r.stderr
 
 
 def test_bench_json_on_stdout(ckpt, tmp_path, text_file):
     out = tmp_path / "b.json"
-    r = invoke("bench", "--backend", "packed", "--packed", ckpt, "--no-baseline", "--data", text_file, "--prompt-tokens", 8,
+    r = invoke("bench", "--backend", "packed", "--packed", ckpt, "--no-baseline", "--data", text_file,
+               "--prompt-tokens", 8,
                "--gen-tokens", 2, "--repeats", 1, "--threads", 1, "--out", out, "--json")
     assert r.exit_code == 0, (r.output, r.exception)
     rep = json.loads(r.stdout)
@@ -105,7 +107,8 @@ def test_bench_json_on_stdout(ckpt, tmp_path, text_file):
 @pytest.mark.parametrize(
     "args, needles",
     [
-        (["--backend", "fakequant,tensorrt"], ["unknown backend 'tensorrt'", "choose from fakequant, packed, gptq, llamacpp, ort"]),
+        (["--backend", "fakequant,tensorrt"], ["unknown backend "
+                                               "'tensorrt'", "choose from fakequant, packed, fp, gptq, llamacpp, ort"]),
         (["--backend", "fakequant"], ["backend fakequant needs --checkpoint DIR"]),
         (["--backend", "gptq"], ["backend gptq needs --gptq FOLDER"]),
         (["--backend", "llamacpp", "--gguf", "/nonexistent/m.gguf"], ["--gguf /nonexistent/m.gguf: not found"]),
@@ -131,7 +134,8 @@ def test_bench_llamacpp_and_ort_with_their_baselines(ckpt, tmp_path):
     gguf = export("gguf", ckpt, tmp_path / "gguf" / "model.gguf").out
     onnx_dir = export("onnx", ckpt, tmp_path / "onnx").out
     out = tmp_path / "b.json"
-    args = ("bench", "--backend", "llamacpp,ort", "--gguf", gguf, "--onnx", onnx_dir, "--checkpoint", ckpt, "--prompt-tokens", 16,
+    args = ("bench", "--backend", "llamacpp,ort", "--gguf", gguf, "--onnx", onnx_dir, "--checkpoint", ckpt,
+            "--prompt-tokens", 16,
             "--gen-tokens", 2, "--repeats", 1, "--threads", 1, "--out", out, "--json")
     r = invoke(*args)
     assert r.exit_code == 0, (r.output, r.exception)
@@ -243,9 +247,11 @@ def write_gguf(path: Path, meta: dict | None) -> Path:
     w = GGUFWriter(str(path), "llama")
     if meta is not None:
         w.add_string("winq.export", json.dumps(meta))
-    w.add_tensor("blk.0.attn_q.weight", quantize(rng.standard_normal((8, 64)).astype(np.float32), GGMLQuantizationType.Q4_0),
+    w.add_tensor("blk.0.attn_q.weight", quantize(rng.standard_normal((8, 64)).astype(np.float32),
+                                                 GGMLQuantizationType.Q4_0),
                  raw_dtype=GGMLQuantizationType.Q4_0)
-    w.add_tensor("blk.0.ffn_up.weight", quantize(rng.standard_normal((16, 64)).astype(np.float32), GGMLQuantizationType.Q4_0),
+    w.add_tensor("blk.0.ffn_up.weight", quantize(rng.standard_normal((16, 64)).astype(np.float32),
+                                                 GGMLQuantizationType.Q4_0),
                  raw_dtype=GGMLQuantizationType.Q4_0)
     w.add_tensor("token_embd.weight", rng.standard_normal((10, 64)).astype(np.float16))
     w.write_header_to_file()
@@ -258,10 +264,12 @@ def write_gguf(path: Path, meta: dict | None) -> Path:
 def write_record(folder: Path, fmt: str, artifact: str | None, errs=(0.0, 0.0)) -> None:
     tensors = [{"name": f"t{i}", "max_abs_err": e} for i, e in enumerate(errs)]
     (folder / "winq-export.json").write_text(json.dumps({
-        "format": fmt, "artifact": artifact, "summary": {"tensors": len(errs), "max_abs_err": max(errs)}, "tensors": tensors}))
+        "format": fmt, "artifact": artifact, "summary": {"tensors": len(errs),
+                                                         "max_abs_err": max(errs)}, "tensors": tensors}))
 
 
-META = {"checkpoint": "runs/winq", "options": {"type": "auto", "keep": "f16"}, "winq": {"quant": {"bits": 4, "grid": "lsq"}}}
+META = {"checkpoint": "runs/winq", "options": {"type": "auto", "keep": "f16"}, "winq": {"quant": {"bits": 4,
+                                                                                                  "grid": "lsq"}}}
 
 
 def test_inspect_gguf(tmp_path):
@@ -270,7 +278,8 @@ def test_inspect_gguf(tmp_path):
     rep = inspect_artifact(f)
     assert rep["format"] == "gguf" and rep["winq"] == META
     t = {x["name"]: x for x in rep["tensors"]}
-    assert t["blk.0.attn_q.weight"] == {"name": "blk.0.attn_q.weight", "type": "Q4_0", "bits": 4, "shape": [8, 64], "params": 512,
+    assert t["blk.0.attn_q.weight"] == {"name": "blk.0.attn_q.weight", "type": "Q4_0", "bits": 4, "shape": [8, 64],
+                                        "params": 512,
                                         "bytes": 8 * 2 * 18, "bits_per_weight": 4.5, "quantized": True}
     assert t["token_embd.weight"]["type"] == "F16" and t["token_embd.weight"]["bits_per_weight"] == 16.0
     assert t["token_embd.weight"]["shape"] == [10, 64] and not t["token_embd.weight"]["quantized"]
@@ -281,7 +290,8 @@ def test_inspect_gguf(tmp_path):
     r = invoke("inspect", f)
     assert r.exit_code == 0, (r.output, r.exception)
     text = flat(r.stdout)
-    assert "blk.0.ffn_up.weight" in text and "Q4_0" in text and "4.500 bits/weight" in text and "present and clean" in text
+    for needle in ("blk.0.ffn_up.weight", "Q4_0", "4.500 bits/weight", "present and clean"):
+        assert needle in text, needle
 
 
 def test_inspect_gguf_record_of_another_file_or_unclean(tmp_path):
@@ -308,7 +318,8 @@ def test_inspect_corrupt_and_unknown(tmp_path):
     with pytest.raises(ConfigError, match="not a GGUF file"):
         inspect_artifact(tmp_path / "junk.gguf")
     (tmp_path / "x.txt").write_text("hi")
-    assert_clean_error(invoke("inspect", tmp_path / "x.txt"), "unknown file type", "a GPTQ export folder", "a winq checkpoint")
+    assert_clean_error(invoke("inspect", tmp_path / "x.txt"), "unknown file "
+                                                              "type", "a GPTQ export folder", "a winq checkpoint")
     (tmp_path / "empty").mkdir()
     assert_clean_error(invoke("inspect", tmp_path / "empty"), "without winq.json, model.onnx or config.json")
     assert_clean_error(invoke("inspect", tmp_path / "missing"), "not found")
@@ -326,9 +337,11 @@ def write_onnx(folder: Path, bits: int = 4, block: int = 32, meta: dict | None =
     blob = block * bits // 8
     B = helper.make_tensor("w.B", TensorProto.UINT8, [N, kb, blob], np.arange(N * kb * blob, dtype=np.uint8) % 251)
     S = helper.make_tensor("w.scales", TensorProto.FLOAT, [N * kb], np.ones(N * kb, dtype=np.float32))
-    Z = helper.make_tensor("w.zp", TensorProto.UINT8, [N * ((kb * bits + 7) // 8)], np.zeros(N * ((kb * bits + 7) // 8), np.uint8))
+    Z = helper.make_tensor("w.zp", TensorProto.UINT8, [N * ((kb * bits + 7) // 8)], np.zeros(N * ((kb * bits + 7) // 8),
+                                                                                             np.uint8))
     H = helper.make_tensor("lm_head", TensorProto.FLOAT, [N, 10], np.zeros(N * 10, dtype=np.float32))
-    mm = helper.make_node("MatMulNBits", ["x", "w.B", "w.scales", "w.zp"], ["h"], name="layers.0.q_proj", domain="com.microsoft",
+    mm = helper.make_node("MatMulNBits", ["x", "w.B", "w.scales", "w.zp"], ["h"], name="layers.0.q_proj",
+                          domain="com.microsoft",
                           K=K, N=N, bits=bits, block_size=block, accuracy_level=0)
     head = helper.make_node("MatMul", ["h", "lm_head"], ["y"])
     g = helper.make_graph([mm, head], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],

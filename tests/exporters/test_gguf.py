@@ -17,13 +17,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import winq
-from winq.errors import ConfigError
+from winq.errors import ConfigError, FormatError
 from winq.exporters import ExportError, export
-from winq.exporters.gguf import choose, dequantize_mapped, map_weight, permute_qw, permute_rows
-from winq.exporters.gguf_blocks import (
-    BLOCKS, encode_q2_k, encode_q3_k, encode_q4_0, encode_q4_1, encode_q8_0, encode_tq1_0, encode_tq2_0,
-)
+from winq.formats.gguf import TYPES, choose, permute_qw, permute_rows
 
 from test_gptq import fake_quant_reference, make_checkpoint, random_qweight
 
@@ -32,6 +28,17 @@ LLAMACPP_REASON = 'the llama.cpp consumer tests need llama-cpp-python: pip insta
 
 def need_llamacpp():
     pytest.importorskip("llama_cpp", reason=LLAMACPP_REASON)
+
+
+def dequantize_mapped(blocks, t, shape):
+    return TYPES[t].decode(blocks, shape)
+
+
+def map_weight(t, qw):
+    try:
+        return TYPES[t].encode(qw, "x")
+    except FormatError:
+        return None
 
 
 def f16_scales(rng, rows, nb):
@@ -51,30 +58,36 @@ def test_block_encoders_match_gguf_dequantizer(rows, nb, seed):
     d = f16_scales(rng, rows, cols // 32)
     dx = np.repeat(d.astype(np.float32), 32, axis=1)
     q = rng.integers(0, 16, size=(rows, cols)).astype(np.uint8)
-    np.testing.assert_array_equal(dequantize_mapped(encode_q4_0(q, d), "q4_0", (rows, cols)), dx * (q.astype(np.float32) - 8))
+    np.testing.assert_array_equal(dequantize_mapped(TYPES["q4_0"].pack(q, d), "q4_0", (rows, cols)),
+                                  dx * (q.astype(np.float32) - 8))
     m = f16_scales(rng, rows, cols // 32)
     mx = np.repeat(m.astype(np.float32), 32, axis=1)
-    np.testing.assert_array_equal(dequantize_mapped(encode_q4_1(q, d, m), "q4_1", (rows, cols)), dx * q.astype(np.float32) + mx)
+    np.testing.assert_array_equal(dequantize_mapped(TYPES["q4_1"].pack(q, d, m), "q4_1", (rows, cols)),
+                                  dx * q.astype(np.float32) + mx)
     q8 = rng.integers(-128, 128, size=(rows, cols)).astype(np.int8)
-    np.testing.assert_array_equal(dequantize_mapped(encode_q8_0(q8, d), "q8_0", (rows, cols)), dx * q8.astype(np.float32))
+    np.testing.assert_array_equal(dequantize_mapped(TYPES["q8_0"].pack(q8, d), "q8_0", (rows, cols)),
+                                  dx * q8.astype(np.float32))
     # 256-element types
     cols = 256 * nb
     d = f16_scales(rng, rows, nb)
     dx = np.repeat(d.astype(np.float32), 256, axis=1)
     q3 = rng.integers(0, 8, size=(rows, cols)).astype(np.uint8)
-    np.testing.assert_array_equal(dequantize_mapped(encode_q3_k(q3, d), "q3_k", (rows, cols)), dx * (q3.astype(np.float32) - 4))
+    np.testing.assert_array_equal(dequantize_mapped(TYPES["q3_k"].pack(q3, d), "q3_k", (rows, cols)),
+                                  dx * (q3.astype(np.float32) - 4))
     q2 = rng.integers(0, 4, size=(rows, cols)).astype(np.uint8)
     dmin = f16_scales(rng, rows, nb)
     sc = rng.integers(0, 16, size=(rows, cols // 16)).astype(np.uint8)
     mm = rng.integers(0, 16, size=(rows, cols // 16)).astype(np.uint8)
-    want = dx * np.repeat(sc, 16, axis=1) * q2 - np.repeat(dmin.astype(np.float32), 256, axis=1) * np.repeat(mm, 16, axis=1)
-    np.testing.assert_allclose(dequantize_mapped(encode_q2_k(q2, d, dmin, sc, mm), "q2_k", (rows, cols)), want, rtol=1e-6, atol=0)
+    want = dx * np.repeat(sc, 16, axis=1) * q2 - np.repeat(dmin.astype(np.float32), 256,
+                                                           axis=1) * np.repeat(mm, 16, axis=1)
+    np.testing.assert_allclose(dequantize_mapped(TYPES["q2_k"].pack(q2, d, dmin, sc, mm), "q2_k", (rows, cols)), want,
+                               rtol=1e-6, atol=0)
     t = rng.integers(0, 3, size=(rows, cols)).astype(np.uint8)
-    for typ, enc in (("tq2_0", encode_tq2_0), ("tq1_0", encode_tq1_0)):
-        got = dequantize_mapped(enc(t, d), typ, (rows, cols))
+    for typ in ("tq2_0", "tq1_0"):
+        got = dequantize_mapped(TYPES[typ].pack(t, d), typ, (rows, cols))
         np.testing.assert_array_equal(got, dx * (t.astype(np.float32) - 1), err_msg=typ)
-    for typ, (blk, nbytes) in BLOCKS.items():
-        assert nbytes * 8 / blk == {"q4_0": 4.5, "q4_1": 5.0, "q8_0": 8.5, "q2_k": 2.625, "q3_k": 3.4375,
+    for typ, cls in TYPES.items():  # sizes from gguf-py's GGML_QUANT_SIZES
+        assert cls.bits_per_weight() == {"q4_0": 4.5, "q4_1": 5.0, "q8_0": 8.5, "q2_k": 2.625, "q3_k": 3.4375,
                                     "tq2_0": 2.0625, "tq1_0": 1.6875}[typ]
 
 
@@ -104,7 +117,8 @@ def test_auto_type_is_exact_and_tightest(grid, bits, inf):
     assert np.abs(got - qw.dequantize().numpy()).max() == 0.0
 
 
-@pytest.mark.parametrize("grid,bits,group", [("lsq", 4, 32), ("lsq", 4, 64), ("lsq", 3, 256), ("seq", 2, 256), ("ternary", 2, 64), ("affine", 4, 32), ("affine", 3, 64)])
+@pytest.mark.parametrize("grid,bits,group", [("lsq", 4, 32), ("lsq", 4, 64), ("lsq", 3, 256), ("seq", 2, 256),
+                                             ("ternary", 2, 64), ("affine", 4, 32), ("affine", 3, 64)])
 def test_grouped_weights_are_exact(grid, bits, group):
     qw = random_qweight(grid, bits, 6, 512, group, seed=group)
     m, _ = choose(qw, "auto", "layer")
@@ -116,7 +130,7 @@ def test_grouped_weights_are_exact(grid, bits, group):
 def test_every_type_that_can_hold_a_grid_is_exact():
     for (grid, bits) in AUTO:
         qw = random_qweight(grid, bits, 4, 256, -1, seed=7)
-        for t in BLOCKS:
+        for t in TYPES:
             m = map_weight(t, qw)
             if m is not None:
                 got = dequantize_mapped(m.blocks, t, qw.shape)
@@ -157,7 +171,8 @@ def bases(tmp_path_factory):
     return {
         ("llama", 256): make_model_dir(root / "llama256", "llama", seed=0, hidden=256, inter=512),
         ("qwen2", 256): make_model_dir(root / "qwen256", "qwen2", seed=1, hidden=256, inter=512),
-        ("llama", 96): make_model_dir(root / "llama96", "llama", seed=2, hidden=96, inter=256),  # rows of 96: containers
+        # rows of 96: containers
+        ("llama", 96): make_model_dir(root / "llama96", "llama", seed=2, hidden=96, inter=256),
     }
 
 
@@ -203,7 +218,8 @@ def test_export_reads_back_exactly(exports, case):
     if arch == "qwen2":
         assert "blk.0.attn_q.bias" in names
     if hidden == 96:  # rows of 96 cannot use 256-blocks; down_proj (in 256) still can
-        types = {t["name"].split(".")[-1]: t["container"].split(":")[0] for t in m["tensors"] if ".layers.0." in t["name"]}
+        types = {t["name"].split(".")[-1]: t["container"].split(":")[0]
+                 for t in m["tensors"] if ".layers.0." in t["name"]}
         assert types["q_proj"] == "Q4_0"
         assert types["down_proj"] == AUTO[(grid, bits)][0].upper()
 
@@ -231,10 +247,10 @@ def test_export_is_atomic_and_guards_existing_files(bases, tmp_path, monkeypatch
     out = folder / "model.gguf"
     orig = G.GGUFExporter.verify
 
-    def broken(self, f, qws, written):  # a reader that sees one flipped value
-        errs = orig(self, f, qws, written)
-        errs[next(iter(errs))] = 0.5
-        return errs
+    def broken(self, f, written, reference):  # a reader that sees one flipped value
+        v = orig(self, f, written, reference)
+        v.errors[next(iter(v.errors))] = 0.5
+        return v
 
     monkeypatch.setattr(G.GGUFExporter, "verify", broken)
     with pytest.raises(ExportError, match="does not read back exactly"):
@@ -268,7 +284,7 @@ def test_keep_options_for_float_tensors(bases, tmp_path):
 
 
 def test_unsupported_architecture_and_tokenizer_are_refused(tmp_path):
-    from winq.exporters.gguf import _pre_tokenizer, arch_of
+    from winq.exporters.gguf_meta import _pre_tokenizer, arch_of
 
     class Cfg:
         architectures = ["GPT2LMHeadModel"]
@@ -327,9 +343,11 @@ def _tokenizer_dir(tmp_path: Path, kind: str) -> Path:
     if kind == "llama-spm":
         return _spm_tokenizer_dir(tmp_path)
     if kind == "smollm":
-        pre = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        pre = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
     elif kind == "qwen2":
-        pat = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+        pat = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
         pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pat), behavior="isolated"),
                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
@@ -358,7 +376,8 @@ def _spm_tokenizer_dir(tmp_path: Path) -> Path:
 
     tk = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
     tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
     text = synthetic_text(300) + "\nIn 2024, 1,234 people paid $56.78 (about 9%) for it's 'x' -- don't!\n"
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens])
@@ -386,7 +405,8 @@ def test_llamacpp_tokenizes_like_transformers(tmp_path, kind):
     ck = make_checkpoint(base, tmp_path / "ck", "lsq", 4, -1)
     res = export("gguf", ck, tmp_path / "e" / "model.gguf")
     info = res.manifest["info"]
-    assert (info["tokenizer"], info["pre_tokenizer"]) == (("llama", "default") if kind == "llama-spm" else ("gpt2", kind))
+    assert (info["tokenizer"], info["pre_tokenizer"]) == (("llama",
+                                                           "default") if kind == "llama-spm" else ("gpt2", kind))
     tok = AutoTokenizer.from_pretrained(str(ck))
     if kind == "llama-spm":
         assert info["add_bos"] is True

@@ -17,7 +17,8 @@ def _user_cache(user_cache):
 
 
 def winq(*args):
-    r = subprocess.run([sys.executable, "-m", "winq.cli.main", *map(str, args)], capture_output=True, text=True, timeout=1800)
+    r = subprocess.run([sys.executable, "-m", "winq.cli.main", *map(str, args)], capture_output=True, text=True,
+                       timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 

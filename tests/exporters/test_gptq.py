@@ -17,9 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import winq
-from winq.errors import ConfigError, MissingDependencyError
+from winq.errors import ConfigError, FormatError, MissingDependencyError
 from winq.exporters import ExportError, ExportWarning, export, formats, get_exporter
-from winq.exporters.gptq import CONTAINERS, container_for, map_weight, pack_layer, unpack_layer
+from winq.formats.gptq import CONTAINERS, container_for, map_weight, pack_layer, unpack_layer
 from winq.qweight import QuantizedWeight
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # gptqmodel's torch.compile would take 5-55 s per first forward
@@ -121,7 +121,8 @@ def test_pack_unpack_dequantize_exact_for_every_grid(kind, out_periods, in_perio
     assert t["scales"].dtype == torch.float16 and tuple(t["scales"].shape) == (qw.n_groups, out)
     assert t["g_idx"].dtype == torch.int32 and torch.equal(t["g_idx"].long(), torch.arange(inf) // qw.group_size)
     back = unpack_layer(t, b, fmt)
-    assert torch.equal(back.codes, layer.codes) and torch.equal(back.zero, layer.zero) and torch.equal(back.scale, layer.scale)
+    assert torch.equal(back.codes, layer.codes) and torch.equal(back.zero,
+                                                                layer.zero) and torch.equal(back.scale, layer.scale)
     assert torch.equal(back.dequantize(), qw.dequantize())  # atol 0
 
 
@@ -134,7 +135,8 @@ def test_container_mapping_by_hand():
     assert layer.scale.unique().tolist() == [0.1875]
     assert torch.equal(layer.dequantize(), qw.dequantize())
     # binary: q in {0,1}, z 0.5 -> q' in {0,2}, z' = 1, s' = s/2 (2-bit codes)
-    qw = QuantizedWeight(codes % 2, torch.full((32, 1), 0.5, dtype=torch.float16), torch.full((32, 1), 0.5), "binary", 1, 32)
+    qw = QuantizedWeight(codes % 2, torch.full((32, 1), 0.5, dtype=torch.float16), torch.full((32, 1), 0.5), "binary",
+                         1, 32)
     layer = map_weight("bin", qw)
     assert set(layer.codes.unique().tolist()) == {0, 2} and layer.zero.unique().tolist() == [1] and layer.bits == 2
     assert torch.equal(layer.dequantize(), qw.dequantize())
@@ -150,7 +152,7 @@ def test_halved_scale_must_be_exact_in_float16():
                        QuantizedWeight(codes, even, zero, "seq", 2, 32).dequantize())
     odd = even.clone()
     odd[3, 0] = 2.0**-24 * 5  # s/2 = 2.5 * 2^-24 is not a float16
-    with pytest.raises(ExportError, match=r"layers\.7\.q: 1 scales are float16 subnormals"):
+    with pytest.raises(FormatError, match=r"layers\.7\.q: 1 scales are float16 subnormals"):
         map_weight("layers.7.q", QuantizedWeight(codes, odd, zero, "seq", 2, 32))
 
 
@@ -173,20 +175,23 @@ def test_manifest_and_files(base128, tmp_path):
     ck = make_checkpoint(base128, tmp_path / "ck", "lsq", 4, 32)
     res = export("gptq", ck, tmp_path / "out")
     out = res.out
-    assert {p.name for p in out.iterdir()} >= {"config.json", "quantize_config.json", "model.safetensors", "winq-export.json",
+    assert {p.name for p in out.iterdir()} >= {"config.json", "quantize_config.json", "model.safetensors",
+                                               "winq-export.json",
                                                 "tokenizer.json", "tokenizer_config.json"}
     m = json.loads((out / "winq-export.json").read_text())
     assert m["format"] == "gptq" and m["source"]["checkpoint"] == str(ck) and m["source"]["winq"]["quant"]["bits"] == 4
     assert m["summary"]["tensors"] == 14 and m["summary"]["max_abs_err"] == 0.0
     r = m["tensors"][0]
-    assert r["name"] == "model.layers.0.self_attn.q_proj" and r["grid"] == "lsq" and r["bits"] == r["container_bits"] == 4
+    assert r["name"] == "model.layers.0.self_attn.q_proj" and r["grid"] == "lsq"
+    assert r["bits"] == r["container_bits"] == 4
     assert r["group_size"] == 32 and r["shape"] == [128, 128] and r["max_abs_err"] == 0.0
     # 4 bits + (16-bit scale + 4-bit zero) / 32 + a 32-bit g_idx entry per input shared by 128 rows
     assert r["bits_per_weight"] == pytest.approx(4 + 20 / 32 + 32 / 128)
     assert all(f["dtype"] == "float16" for f in m["float_tensors"])
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg["quantization_config"]
-    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["desc_act"], qc["sym"], qc["checkpoint_format"]) == ("gptq", 4, 32, False, True, "gptq")
+    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["desc_act"], qc["sym"],
+            qc["checkpoint_format"]) == ("gptq", 4, 32, False, True, "gptq")
     assert cfg["dtype"] == "float16"
     assert json.loads((out / "quantize_config.json").read_text()) == qc
     from safetensors.torch import load_file
@@ -219,7 +224,8 @@ def test_refusals_leave_nothing(base128, tmp_path, tiny_llama):
     net, tok, _ = load_base_model(str(tiny_llama))
     cfg = winq.QuantConfig(bits=3)
     ck3 = save_checkpoint(tmp_path / "ck3", winq.prepare(net, cfg), tok, cfg, None)
-    with pytest.raises(ConfigError, match=r"model\.layers\.0\.self_attn\.k_proj: out_features=16 is not a multiple of 32"):
+    with pytest.raises(ConfigError, match=r"model\.layers\.0\.self_attn\.k_proj: out_features=16 is not a multiple of "
+                                          r"32"):
         export("gptq", ck3, tmp_path / "o3")
     # a quantized lm_head is outside the decoder blocks GPTQ loaders quantize
     ck = make_checkpoint(base128, tmp_path / "lmh", "lsq", 4, -1, quantize_lm_head=True)
@@ -235,12 +241,14 @@ def test_refusals_leave_nothing(base128, tmp_path, tiny_llama):
 
 
 def test_failed_verification_leaves_nothing(base128, tmp_path, monkeypatch):
+    from winq.exporters import Verified
     from winq.exporters.gptq import GPTQExporter
 
     ck = make_checkpoint(base128, tmp_path / "ck", "lsq", 8, 128)
     export("gptq", ck, tmp_path / "out")
     before = (tmp_path / "out" / "model.safetensors").read_bytes()
-    monkeypatch.setattr(GPTQExporter, "verify", lambda self, folder, qws, w: {n: (0.5 if i == 3 else 0.0) for i, n in enumerate(qws)})
+    monkeypatch.setattr(GPTQExporter, "verify", lambda self, folder, written, ref: Verified(
+        {n: (0.5 if i == 3 else 0.0) for i, n in enumerate(ref.qweights)}))
     with pytest.raises(ExportError, match=r"1 tensors differ .*model\.layers\.0\.self_attn\.o_proj, max abs error 0.5"):
         export("gptq", ck, tmp_path / "out", overwrite=True)
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == before  # the previous export is untouched
@@ -262,13 +270,12 @@ def test_imports_stay_light():
 
 
 def test_missing_consumer_names_the_pip_command(monkeypatch):
-    import importlib.util
-
+    """Whether the extra is installed or not: both of its modules are named, with the pip command."""
     from winq.runtime.gptq import load_gptq
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gptqmodel" else real(name, *a))
-    with pytest.raises(MissingDependencyError, match=r'needs gptqmodel: run `pip install "winq\[gptq\]"'):
+    for m in ("optimum", "gptqmodel"):
+        monkeypatch.setitem(sys.modules, m, None)  # `import m` now raises ImportError
+    with pytest.raises(MissingDependencyError, match=r'needs optimum and gptqmodel: run `pip install "winq\[gptq\]"'):
         load_gptq("anything")
 
 
@@ -347,7 +354,8 @@ def test_consumer_with_skipped_modules(base128, tmp_path):
     ck = make_checkpoint(base128, tmp_path / "ck", "lsq", 4, -1, skip=("mlp.down_proj",))
     res = export("gptq", ck, tmp_path / "gptq")
     qc = json.loads((res.out / "config.json").read_text())["quantization_config"]
-    assert qc["modules_in_block_to_quantize"] == [["mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
+    assert qc["modules_in_block_to_quantize"] == [["mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
+                                                   "self_attn.o_proj",
                                                    "self_attn.q_proj", "self_attn.v_proj"]]
     model = load_gptq(res.out)
     ref, qws = fake_quant_reference(ck)
@@ -386,14 +394,17 @@ def cli_export(base128, tmp_path_factory):
     ck = make_checkpoint(base128, tmp_path / "ck", "seq", 2, 32)
     runner = CliRunner()
     env = {"COLUMNS": "200", "NO_COLOR": "1"}
-    r = runner.invoke(app, ["export", "--format", "gptq", "--checkpoint", str(ck), "--out", str(tmp_path / "g"), "--strict"], env=env)
+    r = runner.invoke(app, ["export", "--format", "gptq", "--checkpoint", str(ck), "--out", str(tmp_path / "g"),
+                            "--strict"], env=env)
     assert r.exit_code == 1 and "--strict refuses" in " ".join(r.stderr.split()) and "Traceback" not in r.output
-    r = runner.invoke(app, ["export", "--format", "gptq", "--checkpoint", str(ck), "--out", str(tmp_path / "g")], env=env)
+    r = runner.invoke(app, ["export", "--format", "gptq", "--checkpoint", str(ck), "--out", str(tmp_path / "g")],
+                      env=env)
     assert r.exit_code == 0, r.output
     assert "note: seq 2-bit weights" in r.stderr
     assert "model.layers.1.mlp.down_proj" in r.stdout and "2 in 3" in r.stdout
     assert "14 quantized tensors, max error 0" in " ".join(r.stdout.split())
-    r = runner.invoke(app, ["export", "--format", "onnxx", "--checkpoint", str(ck), "--out", str(tmp_path / "x")], env=env)
+    r = runner.invoke(app, ["export", "--format", "onnxx", "--checkpoint", str(ck), "--out", str(tmp_path / "x")],
+                      env=env)
     assert r.exit_code == 1 and "unknown export format 'onnxx'" in r.stderr
     r = runner.invoke(app, ["eval", "--backend", "fakequant,gptq", "--checkpoint", str(ck)], env=env)
     assert r.exit_code == 1 and "--gptq FOLDER" in r.stderr

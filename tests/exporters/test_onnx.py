@@ -20,14 +20,19 @@ pytest.importorskip("onnxruntime", reason='the ONNX export tests need onnxruntim
 import winq  # noqa: E402
 from winq.errors import CheckpointError, ConfigError  # noqa: E402
 from winq.exporters import ExportError, ExportWarning, export, formats, get_exporter  # noqa: E402
-from winq.exporters.onnx import (  # noqa: E402
-    BLOCK_SIZES, CONTAINERS, DATA_FILE, METADATA_KEY, MODEL_FILE, NBitsWeight, container_for, make_session, map_weight,
-    pack_codes, read_nbits, session_logits,
+from winq.formats.onnx import (  # noqa: E402
+    BLOCK_SIZES, CONTAINERS, DATA_FILE, METADATA_KEY, MODEL_FILE, NBitsWeight, OrtDecoder, container_for, default_zero,
+    map_weight, pack_codes, read_nbits, save_model,
 )
 from winq.qweight import QuantizedWeight  # noqa: E402
 from test_gptq import random_qweight  # noqa: E402  (the same random QuantizedWeight for every format test)
 
 KINDS = sorted(CONTAINERS)  # every (grid, bits) winq trains
+
+
+def session_logits(folder, ids: torch.Tensor, n_prefill: int | None = None, accuracy_level: int | None = None):
+    """onnxruntime's logits of ids: a prefill of n_prefill tokens (all by default), then one token at a time."""
+    return torch.from_numpy(OrtDecoder(folder, accuracy_level=accuracy_level).decode(ids, n_prefill))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,9 +108,10 @@ def test_map_dequantize_exact_for_every_grid(kind, two_bit, out, k_blocks, k_tai
     if c.float_zero:
         assert L.zero_points.dtype == torch.float32 and tuple(L.zero_points.shape) == (out, kb)
     elif L.zero_points is not None:
-        assert grid == "affine" and L.zero_points.dtype == torch.uint8 and tuple(L.zero_points.shape) == (out, -(-kb * c.bits // 8))
+        assert grid == "affine" and L.zero_points.dtype == torch.uint8
+        assert tuple(L.zero_points.shape) == (out, -(-kb * c.bits // 8))
     else:
-        assert grid != "affine" or bool((qw.zero * c.mul + c.add == c.default_zero).all())
+        assert grid != "affine" or bool((qw.zero * c.mul + c.add == default_zero(c.bits)).all())
     assert torch.equal(L.dequantize(), qw.dequantize())  # atol 0
     # padded inputs hold the zero code: they dequantize to 0 (float zero points excepted)
     if not c.float_zero and inf % bs:
@@ -125,7 +131,8 @@ def test_mapping_by_hand():
     assert L.B[0, 0, :2].tolist() == [0x75, 0xB9]
     # seq with a float zero point: 2-bit codes as they are, four to a byte, lowest bits first
     L = map_weight("seq", QuantizedWeight(codes, s, torch.full((2, 1), 1.5), "seq", 2, 32), 32, "float-zp")
-    assert L.bits == 2 and L.zero_points.unique().tolist() == [1.5] and L.B[0, 0, 0].item() == 0 | 1 << 2 | 2 << 4 | 3 << 6
+    assert L.bits == 2 and L.zero_points.unique().tolist() == [1.5] and L.B[0, 0,
+                                                                            0].item() == 0 | 1 << 2 | 2 << 4 | 3 << 6
     # ternary q in {0, 1, 2}, z 1 -> q' = q + 1 around the default zp 2
     L = map_weight("t", QuantizedWeight(codes % 3, s, torch.ones(2, 1), "ternary", 2, 32), 16)
     assert L.bits == 2 and L.zero_points is None and L.codes()[0, :3].tolist() == [1, 2, 3]
@@ -147,7 +154,8 @@ def test_mapping_by_hand():
 def test_block_must_lie_inside_a_group():
     qw = random_qweight("lsq", 4, 4, 96, 48, 0)  # groups of 48: only block size 16 keeps blocks inside groups
     assert torch.equal(map_weight("x", qw, 16).dequantize(), qw.dequantize())
-    with pytest.raises(ConfigError, match=r"layers\.3\.q: group_size=48 is not a multiple of block_size=32.*block_size one of 16$"):
+    with pytest.raises(ConfigError, match=r"layers\.3\.q: group_size=48 is not a multiple of "
+                                          r"block_size=32.*block_size one of 16$"):
         map_weight("layers.3.q", qw, 32)
     qw = random_qweight("lsq", 4, 4, 24, 8, 0)
     with pytest.raises(ConfigError, match="no MatMulNBits block size .* divides it"):
@@ -261,7 +269,7 @@ def test_export_exact_and_runs(exports, i):
     ids = torch.randint(0, net.config.vocab_size, (24,), generator=torch.Generator().manual_seed(i))
     with torch.no_grad():
         ref = net(input_ids=ids[None]).logits[0]
-    got = session_logits(make_session(res.out, accuracy_level=0), ids, n_prefill=18)
+    got = session_logits(res.out, ids, n_prefill=18, accuracy_level=0)
     assert float((got - ref).abs().max()) <= 1e-5
     # every layer's bytes read back from the file equal the trained quantizer bit for bit
     layers, attrs = read_nbits(res.out)
@@ -279,8 +287,8 @@ def test_accuracy_level_4_is_close_not_exact(exports):
     ids = torch.randint(0, net.config.vocab_size, (24,), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ref = net(input_ids=ids[None]).logits[0]
-    as_written = session_logits(make_session(res.out), ids)
-    exact = session_logits(make_session(res.out, accuracy_level=0), ids)
+    as_written = session_logits(res.out, ids)
+    exact = session_logits(res.out, ids, accuracy_level=0)
     d4 = float((as_written - ref).abs().max())
     assert float((exact - ref).abs().max()) <= 1e-5
     assert 1e-6 < d4 < 0.05 * float(ref.abs().max()), d4
@@ -302,7 +310,8 @@ def test_files_metadata_and_tied_embedding(exports):
     settings_ = json.loads(meta[METADATA_KEY])
     assert settings_["options"] == {"block_size": 32, "accuracy_level": 0, "two_bit": "container"}
     assert settings_["quant"] == json.loads((ck / "winq.json").read_text())["quant"]
-    assert [i.name for i in m.graph.input][:4] == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key"]
+    assert [i.name for i in m.graph.input][:4] == ["input_ids", "attention_mask", "position_ids",
+                                                   "past_key_values.0.key"]
     assert [o.name for o in m.graph.output][:2] == ["logits", "present.0.key"]
     ops = [n.op_type for n in m.graph.node]
     assert ops.count("MatMulNBits") == 14
@@ -330,7 +339,7 @@ def test_quantized_lm_head(bases, tmp_path):
     ids = torch.arange(3, 19)
     with torch.no_grad():
         ref = net(input_ids=ids[None]).logits[0]
-    assert float((session_logits(make_session(res.out), ids) - ref).abs().max()) <= 1e-5
+    assert float((session_logits(res.out, ids) - ref).abs().max()) <= 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +396,7 @@ def test_interrupted_or_unverified_export_leaves_nothing(bases, tmp_path, monkey
         arr = onnx.numpy_helper.to_array(t).copy()
         arr[0, 0, 0] ^= 0x01
         t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
-        mod.save_model(m, folder)
+        save_model(m, folder)
         return w
 
     monkeypatch.setattr(mod.ONNXExporter, "write", corrupt_codes)
@@ -402,7 +411,7 @@ def test_interrupted_or_unverified_export_leaves_nothing(bases, tmp_path, monkey
         t = next(t for t in m.graph.initializer if t.name.endswith("layers.0.input_layernorm.weight"))
         arr = onnx.numpy_helper.to_array(t).copy() * 1.01
         t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
-        mod.save_model(m, folder)
+        save_model(m, folder)
         return w
 
     monkeypatch.setattr(mod.ONNXExporter, "write", corrupt_graph)
@@ -424,9 +433,11 @@ def test_interrupted_or_unverified_export_leaves_nothing(bases, tmp_path, monkey
 
 def test_notes_name_the_containers(bases, tmp_path):
     ck = make_checkpoint(bases["llama"], tmp_path / "ck", "seq", 2, -1)
-    with pytest.warns(ExportWarning, match=r"seq 2-bit weights are stored in the exact 4-bit container .* q' = 2q \+ 5"):
+    with pytest.warns(ExportWarning, match=r"seq 2-bit weights are stored in the exact 4-bit container .* q' = 2q \+ "
+                                           r"5"):
         export("onnx", ck, tmp_path / "a")
-    with pytest.warns(ExportWarning, match="float32 zero point 1.5: exact, but onnxruntime runs float zero points on its slow path"):
+    with pytest.warns(ExportWarning, match="float32 zero point 1.5: exact, but onnxruntime runs float zero points on "
+                                           "its slow path"):
         res = export("onnx", ck, tmp_path / "b", two_bit="float-zp")
     assert res.manifest["tensors"][0]["container"] == "2-bit codes, float32 zero point 1.5 (onnxruntime's slow path)"
 
@@ -460,7 +471,8 @@ def test_default_model_exports_exactly(tmp_path, user_cache):
     res = export("onnx", ck, tmp_path / "onnx", model=(net, tok, json.loads((ck / "winq.json").read_text())))
     assert res.manifest["summary"]["tensors"] == 210 and res.manifest["summary"]["max_abs_err"] == 0.0
     ids = eval_ids(tok, "ptb", "test", 384)
-    r = compare({"fakequant": model_logits_fn(net), "ort": load_ort(res.out, threads=2, accuracy_level=0)}, ids, seq_len=128)
+    r = compare({"fakequant": model_logits_fn(net), "ort": load_ort(res.out, threads=2, accuracy_level=0)}, ids,
+                seq_len=128)
     fq, ort = r["results"]["fakequant"], r["results"]["ort"]
     assert fq["tokens"] == ort["tokens"] > 300
     assert abs(ort["ppl_rel_diff"]) < 1e-5 and ort["kl"] < 1e-8 and ort["top1_agreement"] >= 0.995, r

@@ -1,20 +1,20 @@
-"""winq.runtime.bench: the torch benchmark loop, the worker, planning and its refusals, on a tiny seeded Llama."""
+"""winq.runtime.bench and the timing loop of winq.runtime.backends: the worker, planning and its refusals, on a tiny
+seeded Llama."""
 
 from __future__ import annotations
 
-import importlib.machinery
 import json
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
 import winq
-from winq.errors import ConfigError
-from winq.runtime import bench
-from winq.runtime.bench import BenchError, BenchSpec, artifact_bytes, plan, run_job, torch_bench, worker
+from winq.errors import ConfigError, MissingDependencyError
+from winq.runtime import backends, bench
+from winq.runtime.backends import Backend, LoadOptions, Session, TorchSession, get_backend, time_session
+from winq.runtime.bench import BenchError, BenchSpec, artifact_bytes, plan, run_job, worker
 
 
 def save_tiny_checkpoint(base: Path, out: Path, bits: int = 4, seed: int = 0) -> Path:
@@ -47,7 +47,7 @@ def test_torch_bench_decodes_greedily_with_the_kv_cache(ckpt):
     from winq.checkpoint import load_checkpoint
 
     net, _, _ = load_checkpoint(ckpt)
-    res = torch_bench(net, IDS, n_gen=5, repeats=2)
+    res = time_session(TorchSession(net), IDS, n_gen=5, repeats=2)
     seq = list(IDS)
     with torch.no_grad():
         for _ in range(5):
@@ -62,7 +62,8 @@ def test_torch_bench_decodes_greedily_with_the_kv_cache(ckpt):
 @pytest.mark.parametrize("kind", ["fakequant", "packed", "fp"])
 def test_worker_torch_backends(ckpt, kind):
     res = worker(kind, str(ckpt), IDS, n_gen=3, threads=1, repeats=1)
-    for k in ("prefill_tok_s", "decode_tok_s", "prefill_s", "decode_s", "load_s", "rss_load_mb", "rss_base_mb", "peak_rss_mb"):
+    for k in ("prefill_tok_s", "decode_tok_s", "prefill_s", "decode_s", "load_s", "rss_load_mb", "rss_base_mb",
+              "peak_rss_mb"):
         assert res[k] > 0, k
     assert res["peak_rss_mb"] >= res["rss_load_mb"] >= res["rss_base_mb"] * 0.5
     assert res["torch_threads"] == 1 and len(res["generated"]) == 3
@@ -72,7 +73,7 @@ def test_fp_baseline_is_the_dequantized_checkpoint(ckpt):
     """fp = the fake-quant weights in plain nn.Linear: same logits as the fake-quant model, no QuantLinear left."""
     from winq.checkpoint import load_checkpoint
 
-    fp = bench.load_torch_backend("fp", ckpt)
+    fp = get_backend("fp").load(ckpt, LoadOptions()).model
     fq, _, _ = load_checkpoint(ckpt)
     assert not winq.quant_layers(fp)
     x = torch.tensor([IDS])
@@ -96,11 +97,14 @@ def test_plan_orders_baselines_after_their_first_backend(ckpt):
     jobs = plan(BenchSpec(backends=("packed", "fakequant"), checkpoint=str(ckpt)))
     assert [(j.name, j.kind) for j in jobs] == [("packed", "packed"), ("fp", "fp"), ("fakequant", "fakequant")]
     assert jobs[1].baseline_of == ["packed", "fakequant"] and jobs[1].artifact == ckpt
-    assert [j.name for j in plan(BenchSpec(backends=("fakequant",), checkpoint=str(ckpt), baseline=False))] == ["fakequant"]
+    assert [j.name for j in plan(BenchSpec(backends=("fakequant",), checkpoint=str(ckpt),
+                                           baseline=False))] == ["fakequant"]
 
 
-def test_fp_baseline_from_a_base_model_folder(tiny_llama, tmp_path, ckpt):
+def test_fp_baseline_from_a_base_model_folder(tiny_llama, tmp_path, ckpt, monkeypatch):
     from winq.exporters import export
+
+    monkeypatch.setattr(bench, "check_installed", lambda *a, **k: None)  # planning only: the gptq extra is not needed
 
     g = export("gptq", ckpt, tmp_path / "gptq").out
     jobs = plan(BenchSpec(backends=("gptq",), gptq=str(g), model=str(tiny_llama)))
@@ -117,7 +121,8 @@ def test_fp_baseline_from_a_base_model_folder(tiny_llama, tmp_path, ckpt):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"backends": ("fakequant", "tensorrt")}, "unknown backend 'tensorrt': choose from fakequant, packed, gptq, llamacpp, ort"),
+        ({"backends": ("fakequant", "tensorrt")}, "unknown backend 'tensorrt': choose from fakequant, packed, fp, "
+                                                  "gptq, llamacpp, ort"),
         ({"backends": ()}, "choose from fakequant, packed"),
         ({"backends": ("packed", "packed")}, "listed twice"),
         ({"backends": ("fakequant",)}, "backend fakequant needs --checkpoint DIR"),
@@ -148,52 +153,66 @@ def test_missing_artifacts(tmp_path, ckpt):
         plan(BenchSpec(backends=("fakequant",), checkpoint=str(tmp_path / "missing")))
 
 
-def test_external_backend_module_missing(monkeypatch, tmp_path):
+def test_plan_refuses_a_backend_whose_extra_is_missing(monkeypatch, tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    monkeypatch.setitem(bench.EXTERNAL, "llamacpp", ("winq.runtime.no_such_backend", "bench"))
-    with pytest.raises(ConfigError, match=r"llamacpp needs winq.runtime.no_such_backend.bench\(\), but this winq has no"):
-        plan(BenchSpec(backends=("llamacpp",), gguf=str(tmp_path / "m.gguf")))
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
+    with pytest.raises(MissingDependencyError, match=r'backend llamacpp needs llama-cpp-python: run `pip install '
+                                                     r'"winq\[llamacpp\]"`'):
+        plan(BenchSpec(backends=("llamacpp",), gguf=str(tmp_path / "m.gguf"), baseline=False))
 
 
-def _fake_module(monkeypatch, name: str, **attrs):
-    mod = types.ModuleType(name)
-    mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
-    for k, v in attrs.items():
-        setattr(mod, k, v)
-    monkeypatch.setitem(sys.modules, name, mod)
-    return mod
+class CountingSession(Session):
+    """Logits that put the maximum on (last token + 1) % V: greedy decoding counts up."""
+
+    V = 50
+
+    def _onehot(self, t: int) -> torch.Tensor:
+        x = torch.zeros(self.V)
+        x[(t + 1) % self.V] = 1.0
+        return x
+
+    def logits(self, ids):
+        return torch.stack([self._onehot(int(t)) for t in ids])
+
+    def prefill(self, ids):
+        return self._onehot(ids[-1])
+
+    def step(self, token):
+        return self._onehot(token)
 
 
-def test_worker_calls_the_ort_bench_interface(monkeypatch, tmp_path):
-    calls = []
+def test_worker_runs_any_registered_backend(monkeypatch, tmp_path):
+    """The worker loads through the registry and times with the one loop: any Session works."""
+    loaded = []
+    fake = Backend("counting", "checkpoint", "--checkpoint "
+                                             "DIR", lambda p, o: loaded.append((p, o)) or CountingSession(),
+                   "checkpoint")
+    monkeypatch.setitem(backends.BACKENDS, "counting", fake)
+    res = worker("counting", str(tmp_path), [3, 4, 5], n_gen=4, threads=2, repeats=2)
+    assert loaded == [(tmp_path, LoadOptions(threads=2, context=7, purpose="bench"))]
+    assert res["generated"] == [7, 8, 9, 10] and res["n_prompt"] == 3 and res["n_gen"] == 4
+    for k in ("prefill_tok_s", "decode_tok_s", "prefill_s", "decode_s", "load_s", "rss_load_mb", "peak_rss_mb"):
+        assert res[k] > 0, k
+    assert res["prefill_tok_s"] == pytest.approx(3 / res["prefill_s"])
+    assert res["decode_tok_s"] == pytest.approx(4 / res["decode_s"])
 
-    def fake_bench(folder, prompt_ids, n_gen, threads, repeats=3):
-        calls.append((folder, prompt_ids, n_gen, threads, repeats))
-        return {"prefill_tok_s": 100.0, "decode_tok_s": 10.0, "prefill_s": 0.12, "decode_s": 0.3}
 
-    _fake_module(monkeypatch, "winq.runtime.ort", bench=fake_bench)
-    res = worker("ort", str(tmp_path), IDS, n_gen=4, threads=2, repeats=5)
-    assert calls == [(str(tmp_path), IDS, 4, 2, 5)]
-    assert res["prefill_tok_s"] == 100.0 and res["decode_tok_s"] == 10.0 and res["n_prompt"] == len(IDS)
-    assert res["load_s"] is None and res["peak_rss_mb"] > 0
-
-
-def test_worker_refuses_an_incomplete_external_result(monkeypatch, tmp_path):
-    _fake_module(monkeypatch, "winq.runtime.ort", bench=lambda f, p, n, t: {"prefill_tok_s": 1.0, "prefill_s": 1.0})
-    with pytest.raises(BenchError, match="returned no decode_tok_s, decode_s"):
-        worker("ort", str(tmp_path), IDS, n_gen=4, threads=None, repeats=1)
+def test_time_session_refuses_an_empty_prompt():
+    with pytest.raises(ConfigError, match="at least one prompt token"):
+        time_session(CountingSession(), [], n_gen=1)
+    assert backends.generate(CountingSession(), [48], n_new=4, eos_token_id=0) == [49, 0]  # stops after eos
 
 
 def test_baselines_are_built_once_into_the_cache(monkeypatch, tmp_path, ckpt):
     built = []
 
-    def export_fp32(checkpoint_dir, out_folder):
-        built.append((checkpoint_dir, out_folder))
+    def write_float(fmt, checkpoint_dir, out_folder):  # stands in for the export layer's write_float
+        built.append((fmt, checkpoint_dir, out_folder))
         Path(out_folder).mkdir(parents=True)
         (Path(out_folder) / "model.onnx").write_bytes(b"x")
 
-    _fake_module(monkeypatch, "winq.runtime.ort", bench=lambda *a: {}, export_fp32=export_fp32)
     monkeypatch.setenv("WINQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(bench, "check_installed", lambda *a, **k: None)  # no onnxruntime needed: nothing runs here
     onnx_dir = tmp_path / "onnx"
     onnx_dir.mkdir()
     (onnx_dir / "model.onnx").write_bytes(b"x")
@@ -201,10 +220,10 @@ def test_baselines_are_built_once_into_the_cache(monkeypatch, tmp_path, ckpt):
     for _ in range(2):
         jobs = plan(BenchSpec(backends=("ort",), onnx=str(onnx_dir), checkpoint=str(ckpt)))
         assert [j.name for j in jobs] == ["ort", "ort-fp32"]
-        bench.build_baselines(jobs, said.append)
+        bench.build_baselines(jobs, said.append, write_float)
         assert jobs[1].artifact.parent.parent == tmp_path / "cache" / "bench"
         assert (jobs[1].artifact / "model.onnx").is_file()
-    assert len(built) == 1 and built[0][0] == str(ckpt)
+    assert len(built) == 1 and built[0][:2] == ("onnx", str(ckpt))
     assert any("building the ort-fp32 baseline" in s for s in said)
     with pytest.raises(ConfigError, match=r"the ort baseline \(an fp32 ONNX\) .* --checkpoint DIR, or --no-baseline"):
         plan(BenchSpec(backends=("ort",), onnx=str(onnx_dir)))

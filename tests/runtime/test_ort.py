@@ -19,7 +19,10 @@ pytest.importorskip("onnxruntime", reason='the ort backend tests need onnxruntim
 import winq  # noqa: E402
 from winq.errors import ConfigError, MissingDependencyError, ModelError  # noqa: E402
 from winq.exporters import ExportWarning, export  # noqa: E402
-from winq.runtime.ort import OrtDecoder, bench, export_fp32, generate_ids, load_ort, open_session  # noqa: E402
+from winq.exporters.onnx import export_fp32  # noqa: E402
+from winq.formats.onnx import open_session  # noqa: E402
+from winq.runtime.backends import LoadOptions, time_session  # noqa: E402
+from winq.runtime.ort import OrtDecoder, OrtSession, generate_ids, load_ort  # noqa: E402
 
 
 def make_checkpoint(base: Path, out: Path, grid: str, bits: int, group: int) -> Path:
@@ -104,7 +107,8 @@ def test_greedy_generation_matches_transformers(setups, name):
                           do_sample=False, eos_token_id=None, pad_token_id=0)[0, 8:].tolist()
     assert generate_ids(folder, prompt, n_new=12) == hf
     eos = hf[-1]
-    assert generate_ids(folder, prompt.tolist(), n_new=12, eos_token_id=eos) == hf[: hf.index(eos) + 1]  # stops after eos
+    # stops after eos
+    assert generate_ids(folder, prompt.tolist(), n_new=12, eos_token_id=eos) == hf[: hf.index(eos) + 1]
 
 
 def test_accuracy_level_override(setups):
@@ -121,7 +125,8 @@ def test_accuracy_level_override(setups):
     import onnx
 
     g = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    levels = {a.i for n in g.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    levels = {a.i for n in g.graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"}
     assert levels == {0}
 
 
@@ -156,13 +161,15 @@ def test_fp32_baseline(setups, tmp_path):
 
 def test_bench(setups):
     _, folder, _ = setups["llama-lsq4"]
-    r = bench(folder, IDS[:16], n_gen=4, threads=2, repeats=1)
+    session = OrtSession(folder, LoadOptions(threads=2, purpose="bench"))
+    r = time_session(session, IDS[:16], n_gen=4, repeats=1)
     assert set(r) >= {"prefill_tok_s", "decode_tok_s", "prefill_s", "decode_s"}
     assert r["n_prompt"] == 16 and r["n_gen"] == 4
     assert r["prefill_s"] > 0 and r["decode_s"] > 0
-    assert r["prefill_tok_s"] == pytest.approx(16 / r["prefill_s"]) and r["decode_tok_s"] == pytest.approx(4 / r["decode_s"])
+    assert r["prefill_tok_s"] == pytest.approx(16 / r["prefill_s"])
+    assert r["decode_tok_s"] == pytest.approx(4 / r["decode_s"])
     with pytest.raises(ConfigError, match="at least one prompt token"):
-        bench(folder, [], n_gen=1)
+        time_session(session, [], n_gen=1)
 
 
 def test_errors(tmp_path, monkeypatch, setups):
@@ -183,7 +190,8 @@ def test_errors(tmp_path, monkeypatch, setups):
 
 def test_onnxruntime_genai_generates_like_us(setups):
     """onnxruntime-genai (optional) loads the folder through genai_config.json and decodes greedily as we do."""
-    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (optional: pip install onnxruntime-genai)")
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (optional: pip install "
+                                                         "onnxruntime-genai)")
     _, folder, _ = setups["qwen2-seq2"]
     model = og.Model(str(folder))
     prompt = IDS[:8].tolist()

@@ -57,7 +57,8 @@ def test_load_packed_from_checkpoint(tiny_llama, tmp_path):
     from transformers import AutoTokenizer
 
     m = _prepared(tiny_llama, QuantConfig(bits=3, group_size=32))
-    save_checkpoint(tmp_path / "ck", m, AutoTokenizer.from_pretrained(str(tiny_llama)), QuantConfig(bits=3, group_size=32), None)
+    save_checkpoint(tmp_path / "ck", m, AutoTokenizer.from_pretrained(str(tiny_llama)),
+                    QuantConfig(bits=3, group_size=32), None)
     p = load_packed(tmp_path / "ck")
     f, _, _ = load_checkpoint(tmp_path / "ck")
     x = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(2))
@@ -73,7 +74,8 @@ def test_load_packed_from_gptq_export(tiny_llama, tmp_path):
     from winq.checkpoint import load_checkpoint, save_checkpoint
     from winq.exporters import export
 
-    for i, (qcfg, fmt) in enumerate([(QuantConfig(bits=4, group_size=32), "gptq"), (QuantConfig(bits=2, grid="ternary"), "gptq_v2"),
+    for i, (qcfg, fmt) in enumerate([(QuantConfig(bits=4, group_size=32), "gptq"), (QuantConfig(bits=2, grid="ternary"),
+                                                                                    "gptq_v2"),
                                      (QuantConfig(bits=8), "gptq")]):  # 3-bit needs out % 32 == 0 (k_proj is 16 wide)
         m = _prepared(tiny_llama, qcfg, seed=i)
         ck = tmp_path / f"ck{i}"
@@ -95,7 +97,8 @@ def test_compare_reports_kl_and_agreement(tiny_llama):
     m = _prepared(tiny_llama, QuantConfig(bits=4))
     fp = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
     ids = torch.randint(0, m.config.vocab_size, (150,), generator=torch.Generator().manual_seed(4))
-    res = compare({"fakequant": model_logits_fn(m), "same": model_logits_fn(m), "fp": model_logits_fn(fp)}, ids, seq_len=48)
+    res = compare({"fakequant": model_logits_fn(m), "same": model_logits_fn(m), "fp": model_logits_fn(fp)}, ids,
+                  seq_len=48)
     r = res["results"]
     assert res["reference"] == "fakequant" and r["fakequant"]["tokens"] == 149
     assert r["same"]["kl"] == 0 and r["same"]["top1_agreement"] == 1 and r["same"]["ppl_rel_diff"] == 0

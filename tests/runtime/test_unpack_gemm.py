@@ -41,7 +41,8 @@ U = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 0.0}
 interpreter = pytest.mark.skipif(
     not ug.INTERPRETED, reason="triton loaded without TRITON_INTERPRET=1: these run in test_cpu_suite_in_child_process"
 )
-compiled = pytest.mark.skipif(ug.INTERPRETED and torch.cuda.is_available(), reason="TRITON_INTERPRET=1: triton runs interpreted in this process")
+compiled = pytest.mark.skipif(ug.INTERPRETED and torch.cuda.is_available(), reason="TRITON_INTERPRET=1: triton runs "
+                                                                                   "interpreted in this process")
 
 
 @pytest.fixture(autouse=True)
@@ -200,9 +201,11 @@ def test_prune_fits_block_k_to_groups():
 def test_cpu_suite_in_child_process():
     """triton was loaded compiled here (a GPU, or an earlier import): run the interpreter tests in a child."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-m", "not cuda", "-k", "interpreter or triton_wrapper or prune"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-m", "not cuda",
+           "-k", "interpreter or triton_wrapper or prune"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert r.returncode == 0 and " passed" in r.stdout and " skipped" not in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
+    assert r.returncode == 0 and " passed" in r.stdout and " skipped" not in r.stdout, (
+        r.stdout[-4000:] + r.stderr[-2000:])
 
 
 # ------------------------------------------------------------------ compiled (GPU)
@@ -240,7 +243,8 @@ def test_cuda_autotuned_matches_reference(M, K, N, group_size, bits, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("bits", [3, 4])
 def test_cuda_pinned_configs(config, dtype, bits):
-    case, q = make_case(20, 1024, 200, bits, 128, dtype, half_zero=True, zero_dtype=torch.float16, seed=bits, device="cuda")
+    case, q = make_case(20, 1024, 200, bits, 128, dtype, half_zero=True, zero_dtype=torch.float16, seed=bits,
+                        device="cuda")
     w_rounded = not ug._factored(config["BLOCK_K"], 128, False)
     check_close(ug.launch(**case, config=config), case, q, w_rounded=w_rounded)
 

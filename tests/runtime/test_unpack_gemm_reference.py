@@ -82,7 +82,8 @@ def test_dispatcher_uses_reference_on_cpu():
     qw = random_qweight(40, 96, "affine", 4, 32, seed=5)
     qweight, scales, zeros = to_gptq(qw)
     x = torch.randn(3, 96).half()
-    assert torch.equal(unpack_gemm(x, qweight, scales, zeros, 4, 32), unpack_gemm_torch(x, qweight, scales, zeros, 4, 32))
+    assert torch.equal(unpack_gemm(x, qweight, scales, zeros, 4, 32), unpack_gemm_torch(x, qweight, scales, zeros, 4,
+                                                                                        32))
 
 
 def test_empty_m():

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from winq import QuantConfig, prepare
-from winq.analysis import HessianOperator, hessian_params, hutchinson_trace, lanczos, model_hessian, model_spectrum, spectrum
+from winq.analysis import (
+    HessianOperator,
+    hessian_params,
+    hutchinson_trace,
+    lanczos,
+    model_hessian,
+    model_spectrum,
+    spectrum,
+)
 from winq.errors import ConfigError
 
 
@@ -88,7 +96,9 @@ def _tiny_quant_model(bits=4):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(make_config("llama", 48, hidden=16, layers=1, inter=16), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(
+        make_config("llama", 48, hidden=16, layers=1, inter=16), dtype=torch.float32
+    )
     prepare(model, QuantConfig(bits=bits))
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 48, (2, 9), generator=g) for _ in range(2)]
@@ -98,7 +108,7 @@ def _tiny_quant_model(bits=4):
 def _dense_hessian(model, batches, params):
     from torch.func import functional_call
 
-    from winq.train import lm_loss
+    from winq.evaluate import lm_loss
 
     named = hessian_params(model, params)
     names, shapes = list(named), [p.shape for p in named.values()]
@@ -143,7 +153,9 @@ def test_tiny_model_matches_dense_hessian(params):
     assert s.trace == pytest.approx(float(lam.sum()), abs=4 * s.trace_stderr + 1e-6)
     # density: the SLQ estimate and the dense eigenvalues smoothed with the same sigma, on the same grid
     grid = torch.tensor(s.grid, dtype=torch.float64)
-    ref = torch.exp(-0.5 * ((grid[:, None] - lam[None, :]) / s.sigma) ** 2).sum(1) / (n * s.sigma * math.sqrt(2 * math.pi))
+    ref = torch.exp(-0.5 * ((grid[:, None] - lam[None, :]) / s.sigma) ** 2).sum(1) / (
+        n * s.sigma * math.sqrt(2 * math.pi)
+    )
     dx = float(grid[1] - grid[0])
     l1 = float((torch.tensor(s.density) - ref).abs().sum() * dx)
     assert l1 < 0.35, l1
@@ -199,8 +211,26 @@ def test_cli_hessian_writes_json_and_plot(tiny_llama, text_file, tmp_path):
     ck = tmp_path / "ck"
     train(str(tiny_llama), str(text_file), QuantConfig(bits=4), TrainConfig(steps=1, seq_len=16), ck, progress=False)
     out = tmp_path / "res" / "h.json"
-    args = ["hessian", "--checkpoint", ck, "--data", text_file, "--batches", 1, "--seq-len", 16,
-            "--top-k", 2, "--probes", 2, "--steps", 4, "--by-type", "--out", out]
+    args = [
+        "hessian",
+        "--checkpoint",
+        ck,
+        "--data",
+        text_file,
+        "--batches",
+        1,
+        "--seq-len",
+        16,
+        "--top-k",
+        2,
+        "--probes",
+        2,
+        "--steps",
+        4,
+        "--by-type",
+        "--out",
+        out,
+    ]
     r = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "300", "NO_COLOR": "1"})
     assert r.exit_code == 0, r.output
     assert "lambda_max" in r.output and "attention" in r.output and "mlp" in r.output

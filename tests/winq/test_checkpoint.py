@@ -11,7 +11,8 @@ import torch
 
 import winq
 from winq import CheckpointError, QuantConfig, TrainConfig
-from winq.checkpoint import FORMAT, FORMAT_VERSION, is_checkpoint, load_checkpoint, load_trainer_state, read_info, save_checkpoint
+from winq.checkpoint import (FORMAT, FORMAT_VERSION, is_checkpoint, load_checkpoint, load_trainer_state, read_info,
+                             save_checkpoint)
 
 from tinymodels import make_model_dir
 
@@ -61,7 +62,7 @@ def _assert_same_model(a, b):
 
 
 def _debris(parent: Path, name: str) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}.tmp") or p.name.startswith(f".{name}.old"))
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith((f".{name}.tmp", f".{name}.old")))
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -315,7 +316,11 @@ def test_invalid_winq_json(ckpt_copy, text):
         load_checkpoint(ckpt_copy)
 
 
-@pytest.mark.parametrize("text", ["[]", '"winq"', '{"format": "winq-checkpoint", "version": 1}', '{"format": "winq-checkpoint", "version": "2", "quant": {"bits": 2}}', '{"format": "winq-checkpoint", "version": 1, "quant": "seq2"}'])
+@pytest.mark.parametrize("text", ["[]", '"winq"', '{"format": "winq-checkpoint", "version": '
+                                                  '1}', '{"format": "winq-checkpoint", "version": "2", "quant": '
+                                                        '{"bits": '
+                                                        '2}}', '{"format": "winq-checkpoint", "version": 1, "quant": '
+                                                               '"seq2"}'])
 def test_valid_json_of_the_wrong_shape(ckpt_copy, text):
     (ckpt_copy / "winq.json").write_text(text)
     with pytest.raises(CheckpointError):
@@ -342,7 +347,9 @@ def test_state_dict_that_does_not_match_winq_json(ckpt_copy):
         load_checkpoint(ckpt_copy)
 
 
-@pytest.mark.parametrize("param,value", [("model.layers.1.self_attn.k_proj.weight", float("nan")), ("model.layers.0.mlp.down_proj.alpha", float("inf")), ("model.norm.weight", float("nan"))])
+@pytest.mark.parametrize("param,value", [("model.layers.1.self_attn.k_proj.weight", float("nan")),
+                                         ("model.layers.0.mlp.down_proj.alpha", float("inf")), ("model.norm.weight",
+                                                                                                float("nan"))])
 def test_nan_in_a_saved_parameter_names_it(tiny_llama, tmp_path, param, value):
     model, tok = _prepared(tiny_llama, CONFIGS["seq2"])
     with torch.no_grad():

@@ -235,7 +235,8 @@ def test_token_ids_long_document_with_blank_lines_matches_direct(tmp_path):
     t = Tokenizer(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     t.train_from_iterator([corpus], trainer)
     tk = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>")
     # regression: documents were once tokenised in 2000-line chunks. Chunk 1 = lines[:2000] would end

@@ -50,7 +50,8 @@ def test_windows_score_every_target_once(data):
 
 @pytest.mark.parametrize(
     "n,seq_len,stride",
-    [(2, 2, 1), (2, 2, 2), (3, 2, 2), (10, 4, 4), (10, 4, 3), (10, 4, 1), (100, 16, 16), (100, 16, 15), (100, 16, 5), (7, 64, 64), (65, 64, 64)],
+    [(2, 2, 1), (2, 2, 2), (3, 2, 2), (10, 4, 4), (10, 4, 3), (10, 4, 1), (100, 16, 16), (100, 16, 15), (100, 16, 5),
+     (7, 64, 64), (65, 64, 64)],
 )
 def test_windows_examples(n, seq_len, stride):
     _check_windows(n, seq_len, stride)
@@ -58,7 +59,8 @@ def test_windows_examples(n, seq_len, stride):
 
 def test_windows_overlap_by_one_for_full_stride():
     ws = windows(40, 10, 10)
-    assert [(w.begin, w.end, w.score_from) for w in ws] == [(0, 10, 1), (9, 19, 10), (18, 28, 19), (27, 37, 28), (30, 40, 37)]
+    assert [(w.begin, w.end, w.score_from) for w in ws] == [(0, 10, 1), (9, 19, 10), (18, 28, 19), (27, 37, 28),
+                                                            (30, 40, 37)]
 
 
 def test_windows_small_stride_gives_context():

@@ -111,7 +111,9 @@ def test_dequantize_equals_fake_weight(case):
         with torch.no_grad():
             m.alpha.mul_(alpha_mult)
             if m.zero_point is not None:
-                m.zero_point.add_(torch.randint(-1, 2, m.zero_point.shape, generator=torch.Generator().manual_seed(seed)))
+                m.zero_point.add_(
+                    torch.randint(-1, 2, m.zero_point.shape, generator=torch.Generator().manual_seed(seed))
+                )
     g = in_f if group_size == -1 else group_size
     assert m.group_size == g
 
@@ -337,26 +339,31 @@ def test_alpha_gradient_flows_through_forward():
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("pair", [("lsq", 4), ("seq", 2), ("binary", 1), ("affine", 3)], ids=_pair_id)
 def test_noise_train_vs_eval(pair):
+    from winq.noise import NoiseSource
+
     grid, bits = pair
     lin, m = make_layer(grid, bits, 6, 16, wscale=0.5, seed=7)
     x = torch.randn(4, 16, generator=torch.Generator().manual_seed(8))
     m.noise_sigma = 1e-3
+    net = torch.nn.Sequential(m)
 
     def run_train(seed, n=2):
-        m.noise_generator = torch.Generator().manual_seed(seed)
-        m.train()
+        src = NoiseSource(net, seed)
+        net.train()
         with torch.no_grad():
-            return [m(x) for _ in range(n)]
+            ys = [net(x) for _ in range(n)]
+        src.remove()
+        return ys
 
-    m.eval()
-    m.noise_generator = torch.Generator().manual_seed(0)
-    state = m.noise_generator.get_state()
+    src = NoiseSource(net, 0)
+    net.eval()
     with torch.no_grad():
-        e1, e2 = m(x), m(x)
+        e1, e2 = net(x), net(x)
     # eval: deterministic, no noise drawn, exactly F.linear with the fake-quant weight
     assert torch.equal(e1, e2)
     assert torch.equal(e1, F.linear(x, m.fake_weight(), m.bias))
-    assert torch.equal(m.noise_generator.get_state(), state)
+    assert src.draws == 0
+    src.remove()
 
     t1 = run_train(123)
     t2 = run_train(123)

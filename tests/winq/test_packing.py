@@ -10,7 +10,8 @@ from winq.packing import PACK_BITS, pack, pad_to_period, period, unpack
 
 
 @settings(max_examples=80, deadline=None)
-@given(bits=st.sampled_from(PACK_BITS), periods=st.integers(1, 5), cols=st.integers(1, 7), dim=st.sampled_from([0, 1]), seed=st.integers(0, 2**16))
+@given(bits=st.sampled_from(PACK_BITS), periods=st.integers(1, 5), cols=st.integers(1, 7), dim=st.sampled_from([0, 1]),
+       seed=st.integers(0, 2**16))
 def test_unpack_pack_roundtrip(bits, periods, cols, dim, seed):
     g = torch.Generator().manual_seed(seed)
     K = periods * period(bits)

@@ -144,7 +144,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("arch,cfg", CASES, ids=lambda v: v if isinstance(v, str) else f"{v.grid}{v.bits}g{v.group_size}")
+@pytest.mark.parametrize("arch,cfg", CASES, ids=lambda v: v if isinstance(v,
+                                                                          str) else f"{v.grid}{v.bits}g{v.group_size}")
 def test_quantized_weights_and_convert(arch, cfg):
     model = tiny_model(arch, seed=1)
     ids = input_ids(1)
@@ -202,7 +203,8 @@ def test_prepare_init_false_leaves_alpha_at_one():
 def test_group_size_not_dividing_names_the_layer():
     model = tiny_model("mistral")  # hidden 64, intermediate 96: only down_proj (in=96) fails for 64
     before = module_types(model)
-    with pytest.raises(ConfigError, match=r"group_size=64 does not divide in_features=96 of model\.layers\.0\.mlp\.down_proj") as e:
+    with pytest.raises(ConfigError, match=r"group_size=64 does not divide in_features=96 of "
+                                          r"model\.layers\.0\.mlp\.down_proj") as e:
         winq.prepare(model, QuantConfig(bits=4, group_size=64))
     assert f"{N_LAYERS} layers affected" in str(e.value)
     # nothing was swapped: the check runs before any layer is replaced
@@ -277,7 +279,8 @@ import winq
 print(json.dumps({
     "attempted": rec.seen,
     "loaded": sorted(m for m in sys.modules if m.split(".")[0] in HEAVY),
-    "subpackages": sorted(m for m in sys.modules if m.split(".")[:2] in (["winq", "exporters"], ["winq", "runtime"], ["winq", "cli"])),
+    "subpackages": sorted(m for m in sys.modules
+                          if m.split(".")[:2] in (["winq", "exporters"], ["winq", "runtime"], ["winq", "cli"])),
     "cuda_initialized": torch.cuda.is_initialized(),
     "winq_file": winq.__file__,
 }))

@@ -1,0 +1,451 @@
+"""GGUF tensor bytes both ways: the block types winq writes (a registry, one class per ggml type),
+built from integer codes without re-rounding, and read back through gguf-py's dequantizer.
+
+    from winq.formats import gguf as G
+    enc, note = G.choose(qw, "auto", "model.layers.0.mlp.up_proj")   # tightest exact type
+    G.TYPES["q4_0"].decode(enc.blocks, qw.shape)                       # == qw.dequantize(), bit for bit
+
+Block sizes (elements, bytes) come from gguf-py's GGML_QUANT_SIZES; the layouts follow ggml's
+block structs (ggml-common.h) as gguf-py's dequantizers read them (FORMAT-NOTES):
+
+| type  | block | bytes | layout                                             | value                      |
+|-------|-------|-------|----------------------------------------------------|----------------------------|
+| Q4_0  | 32    | 18    | d f16, qs[16]: x[i] low nibble, x[i+16] high       | d (q - 8)                  |
+| Q4_1  | 32    | 20    | d f16, m f16, qs[16] as Q4_0                        | d q + m                    |
+| Q8_0  | 32    | 34    | d f16, qs[32] int8                                 | d q                        |
+| Q2_K  | 256   | 84    | scales[16] (sc | m << 4), qs[64], d f16, dmin f16  | d sc q - dmin m (per 16)   |
+| Q3_K  | 256   | 110   | hmask[32], qs[64], scales[12] (6-bit, +32), d f16  | d sc (low2 - 4 (1 - hbit)) |
+| TQ2_0 | 256   | 66    | qs[64] (2-bit t), d f16                            | d (t - 1)                  |
+| TQ1_0 | 256   | 54    | qs[48] (5 trits/byte), qh[4] (4 trits/byte), d f16 | d (t - 1)                  |
+
+The 2-bit fields of Q2_K / Q3_K / TQ2_0 put element 128 h + 32 s + l into byte 32 h + l at bit 2 s;
+Q3_K's high bit of element 32 b + l is bit b of hmask[l]. The byte packing is written by hand
+because gguf-py's quantizers re-round float weights (Q4_0 uses d = max / -8 per block), which
+would destroy QAT codes; reading uses gguf-py's own dequantizers, an independent implementation.
+
+How each grid maps (winq.formats.containers: q' = m q + a, z' = m z + a, s' = s / m; m = 2 for
+half-integer zeros), tightest first in `ORDER`: see `choose()` and README's table. A block has one
+scale, so a group must cover whole blocks (group_size a multiple of the block). q_proj / k_proj
+rows are permuted for llama.cpp's `llama` rope (`permute_rows`), which keeps every row's and
+every group's quantization exact.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, LlamaFileType
+
+from winq.errors import ConfigError, FormatError
+from winq.qweight import QuantizedWeight
+
+from .containers import half_mul, remap
+
+MAGIC = struct.pack("<I", GGUF_MAGIC)  # b"GGUF": the first four bytes of every file
+QK = 256  # K-quant and TQ super-block
+
+TYPES: dict[str, type[BlockType]] = {}  # name ("q4_0") -> block type; filled by @register
+
+
+def register(cls):
+    TYPES[cls.name] = cls
+    return cls
+
+
+def is_gguf(path) -> bool:
+    """Does the file start with the GGUF magic?"""
+    with open(path, "rb") as f:
+        return f.read(4) == MAGIC
+
+
+@dataclass
+class Encoded:
+    """One tensor in a block type: the rows ggml reads and how the codes were mapped."""
+
+    type: str
+    blocks: np.ndarray  # uint8 (rows, bytes per row)
+    container: str  # "native" or the code mapping
+
+
+# ---------------------------------------------------------------------------------------------
+# byte helpers
+
+
+def _blocks(x: np.ndarray, block: int) -> np.ndarray:
+    rows, cols = x.shape
+    assert cols % block == 0, (cols, block)
+    return x.reshape(rows * (cols // block), block)
+
+
+def _f16(d: np.ndarray) -> np.ndarray:
+    """(rows, nb) float16 -> (rows * nb, 2) uint8."""
+    return np.ascontiguousarray(d.astype(np.float16)).reshape(-1, 1).view(np.uint8)
+
+
+def _rows(b: np.ndarray, rows: int) -> np.ndarray:
+    return np.ascontiguousarray(b).reshape(rows, -1)
+
+
+def _nibbles32(q: np.ndarray) -> np.ndarray:
+    """(n, 32) values 0..15 -> (n, 16) bytes: x[i] | x[i + 16] << 4."""
+    return (q[:, :16] | (q[:, 16:] << 4)).astype(np.uint8)
+
+
+def _crumbs256(q: np.ndarray) -> np.ndarray:
+    """(n, 256) values 0..3 -> (n, 64) bytes: element 128h + 32s + l at byte 32h + l, bits 2s."""
+    n = q.shape[0]
+    q = q.reshape(n, 2, 4, 32).astype(np.uint8)  # (n, h, s, l)
+    out = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
+    return out.reshape(n, 64)
+
+
+def _pack_trits(t: np.ndarray, k: int) -> np.ndarray:
+    """(n, k, L) trits, most significant first -> (n, L) bytes: ceil(v * 256 / 243) with v = sum t_j 3^(4 - j)."""
+    w = np.array([81, 27, 9, 3, 1][:k], dtype=np.uint16).reshape(1, k, 1)
+    v = (t.astype(np.uint16) * w).sum(axis=1)
+    return ((v * 256 + 242) // 243).astype(np.uint8)
+
+
+def _per_block(t: torch.Tensor, qw: QuantizedWeight, per: int) -> np.ndarray:
+    """A per-group tensor (rows, G) repeated to (rows, in // per)."""
+    return t.repeat_interleave(qw.group_size // per, dim=1).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# the block types
+
+
+class BlockType:
+    """One ggml quant type: which grids it holds, and its bytes both ways."""
+
+    name: ClassVar[str]
+    ggml: ClassVar[GGMLQuantizationType]
+    file_type: ClassVar[LlamaFileType]  # general.file_type of a file made mostly of this type
+    code_bits: ClassVar[int]  # bits per code in the file (the manifest's container_bits)
+    grids: ClassVar[tuple[str, ...]] = ()
+    max_bits: ClassVar[int] = 8
+
+    @classmethod
+    def block(cls) -> int:
+        return GGML_QUANT_SIZES[cls.ggml][0]
+
+    @classmethod
+    def bits_per_weight(cls) -> float:
+        block, nbytes = GGML_QUANT_SIZES[cls.ggml]
+        return 8 * nbytes / block
+
+    @classmethod
+    def can_hold(cls, grid: str, bits: int) -> bool:
+        """Can this type hold every weight of this grid exactly (whatever the row length)?"""
+        return grid in cls.grids and bits <= cls.max_bits
+
+    @classmethod
+    def fits(cls, qw: QuantizedWeight) -> bool:
+        """Does this layer's layout fit whole blocks (row length, and a group covering whole blocks)?"""
+        block = cls.block()
+        return qw.shape[1] % block == 0 and qw.group_size % block == 0
+
+    @classmethod
+    def encode(cls, qw: QuantizedWeight, name: str) -> Encoded:
+        """The blocks of qw in this type, exactly; FormatError when this type cannot hold these values."""
+        if not cls.fits(qw):
+            raise FormatError(f"{name}: rows of {qw.shape[1]} / groups of {qw.group_size} are not whole "
+                              f"{cls.name.upper()} blocks of {cls.block()}")
+        if not cls.can_hold(qw.grid, qw.bits):
+            raise FormatError(f"{name}: {cls.name.upper()} cannot hold {qw.grid} {qw.bits}-bit weights")
+        blocks, desc = cls._encode(qw, half_mul(qw), name)
+        return Encoded(cls.name, blocks, desc)
+
+    @classmethod
+    def _encode(cls, qw: QuantizedWeight, mul: int, name: str) -> tuple[np.ndarray, str]:
+        raise NotImplementedError
+
+    @classmethod
+    def decode(cls, blocks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """float32 (rows, cols) from this type's rows, through gguf-py's own dequantizer."""
+        from gguf.quants import dequantize
+
+        return np.asarray(dequantize(np.asarray(blocks), cls.ggml), dtype=np.float32).reshape(shape)
+
+
+def _levels_at(qw: QuantizedWeight, mul: int, offset: int, lo: int, hi: int, name: str):
+    """q' = m (q - z) + offset (the remap rule with a = offset - m z per group), checked to lie in lo..hi;
+    returns (q' int64 (out, in), d = s / m float16 (out, G))."""
+    r = remap(qw, mul, offset - qw.zero * mul, name, lo, hi)
+    return r.codes, r.scale
+
+
+@register
+class Q8_0(BlockType):
+    name, ggml, file_type, code_bits = "q8_0", GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0, 8
+    grids = ("lsq", "seq", "ternary", "binary", "affine")
+
+    @classmethod
+    def can_hold(cls, grid, bits):
+        return grid in cls.grids and not (grid == "affine" and bits == 8)  # affine 8-bit levels q - z reach +-255
+
+    @classmethod
+    def encode(cls, qw, name):
+        if qw.grid == "affine" and qw.bits == 8 and cls.fits(qw):  # exact when these levels happen to fit int8
+            blocks, desc = cls._encode(qw, half_mul(qw), name)
+            return Encoded(cls.name, blocks, desc)
+        return super().encode(qw, name)
+
+    @staticmethod
+    def pack(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """q int8 (rows, cols), d float16 (rows, cols // 32) -> uint8 (rows, cols // 32 * 34)."""
+        rows = q.shape[0]
+        b = _blocks(q.astype(np.int8), 32).view(np.uint8)
+        return _rows(np.concatenate([_f16(d), b], axis=1), rows)
+
+    @classmethod
+    def _encode(cls, qw, mul, name):
+        q, d = _levels_at(qw, mul, 0, -128, 127, name)
+        desc = "native" if qw.grid == "lsq" and qw.bits == 8 else (
+            f"int8 q' = {mul}(q - z), d = s/{mul}" if mul > 1 else "int8 q' = q - z")
+        return cls.pack(q.numpy(), _per_block(d, qw, 32)), desc
+
+
+@register
+class Q4_0(BlockType):
+    name, ggml, file_type, code_bits = "q4_0", GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0, 4
+    grids, max_bits = ("lsq", "seq", "ternary", "binary", "affine"), 4
+
+    @staticmethod
+    def pack(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """q 0..15 (rows, cols), d float16 (rows, cols // 32) -> uint8 (rows, cols // 32 * 18)."""
+        rows = q.shape[0]
+        return _rows(np.concatenate([_f16(d), _nibbles32(_blocks(q.astype(np.uint8), 32))], axis=1), rows)
+
+    @classmethod
+    def _encode(cls, qw, mul, name):
+        q, d = _levels_at(qw, mul, 8, 0, 15, name)
+        native = qw.grid == "lsq" and qw.bits == 4
+        desc = "native" if native else f"q' = {mul}(q - z) + 8" + (f", d = s/{mul}" if mul > 1 else "")
+        return cls.pack(q.numpy(), _per_block(d, qw, 32)), desc
+
+
+@register
+class Q4_1(BlockType):
+    name, ggml, file_type, code_bits = "q4_1", GGMLQuantizationType.Q4_1, LlamaFileType.MOSTLY_Q4_1, 4
+    grids = ("lsq", "affine")
+
+    @classmethod
+    def can_hold(cls, grid, bits):
+        return grid in cls.grids and bits == 4
+
+    @staticmethod
+    def pack(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """q 0..15 (rows, cols), d and m float16 (rows, cols // 32) -> uint8 (rows, cols // 32 * 20)."""
+        rows = q.shape[0]
+        b = _nibbles32(_blocks(q.astype(np.uint8), 32))
+        return _rows(np.concatenate([_f16(d), _f16(m), b], axis=1), rows)
+
+    @classmethod
+    def _encode(cls, qw, mul, name):
+        # x = d q + m with d = s and m = -z s: exact only where float16(-z s) is (checked)
+        s = qw.scale.to(torch.float32)
+        m = (-qw.zero * s).to(torch.float16)
+        if mul != 1 or not torch.equal(m.to(torch.float32), -qw.zero * s):
+            raise FormatError(f"{name}: -z s is not exact in float16, so Q4_1's min cannot hold it")
+        blocks = cls.pack(qw.codes.numpy(), _per_block(qw.scale, qw, 32), _per_block(m, qw, 32))
+        return blocks, "native" if qw.grid == "affine" else "q' = q, m = -z s"
+
+
+@register
+class Q3_K(BlockType):
+    name, ggml, file_type, code_bits = "q3_k", GGMLQuantizationType.Q3_K, LlamaFileType.MOSTLY_Q3_K_M, 3
+    grids = ("lsq",)
+
+    @classmethod
+    def can_hold(cls, grid, bits):
+        return grid == "lsq" and bits == 3
+
+    @staticmethod
+    def pack(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """q 0..7 = level + 4 (rows, cols), d float16 (rows, cols // 256); every 6-bit sub-block scale is 1."""
+        rows = q.shape[0]
+        b = _blocks(q.astype(np.uint8), QK)
+        n = b.shape[0]
+        low = _crumbs256(b & 3)
+        hi = ((b >> 2) & 1).reshape(n, 8, 32)  # element 32 bit + l
+        hmask = np.zeros((n, 32), dtype=np.uint8)
+        for bit in range(8):
+            hmask |= (hi[:, bit] << bit).astype(np.uint8)
+        # 16 six-bit scales of value 33 (0b10_0001): low nibbles 1 in bytes 0..7 (both halves),
+        # high crumbs 2 in bytes 8..11
+        scales = np.tile(np.array([0x11] * 8 + [0xAA] * 4, dtype=np.uint8), (n, 1))
+        return _rows(np.concatenate([hmask, low, scales, _f16(d)], axis=1), rows)
+
+    @classmethod
+    def _encode(cls, qw, mul, name):
+        if mul != 1:
+            raise FormatError(f"{name}: Q3_K holds integer zero points only")
+        q, d = _levels_at(qw, 1, 4, 0, 7, name)
+        return cls.pack(q.numpy(), _per_block(d, qw, QK)), "native"
+
+
+@register
+class Q2_K(BlockType):
+    name, ggml, file_type, code_bits = "q2_k", GGMLQuantizationType.Q2_K, LlamaFileType.MOSTLY_Q2_K, 2
+    grids, max_bits = ("seq", "ternary", "binary", "affine"), 2
+
+    @staticmethod
+    def pack(q: np.ndarray, d: np.ndarray, dmin: np.ndarray, sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """q 0..3 (rows, cols); d, dmin float16 (rows, cols // 256); sc, m 4-bit ints (rows, cols // 16)."""
+        rows = q.shape[0]
+        scales = (_blocks(sc.astype(np.uint8), 16) | (_blocks(m.astype(np.uint8), 16) << 4)).astype(np.uint8)
+        b = _crumbs256(_blocks(q.astype(np.uint8), QK))
+        return _rows(np.concatenate([scales, b, _f16(d), _f16(dmin)], axis=1), rows)
+
+    @classmethod
+    def _encode(cls, qw, mul, name):
+        """x = d sc q - dmin m per 16: the codes as they are, d = dmin = s/m, sc = m, min m z (0..15)."""
+        r = remap(qw, mul, 0, name, 0, 3 * mul, zero_range=(0, 15))  # q' = m q: q in 0..3
+        d = _per_block(r.scale, qw, QK)
+        sc = np.full((qw.shape[0], qw.shape[1] // 16), mul, dtype=np.uint8)
+        m = _per_block(r.zero.to(torch.uint8), qw, 16)
+        native = qw.grid in ("seq", "affine")
+        desc = "native" if native else f"q' = q, sc = {mul}, m = {mul}z" + (f", d = s/{mul}" if mul > 1 else "")
+        return cls.pack(qw.codes.numpy(), d, d, sc, m), desc
+
+
+class _Ternary(BlockType):
+    """TQ1_0 / TQ2_0: trits t = m (q - z) + 1 with value d (t - 1)."""
+
+    grids = ("ternary", "binary")
+
+    @classmethod
+    def _encode(cls, qw, mul, name):
+        t, d = _levels_at(qw, mul, 1, 0, 2, name)
+        desc = "native" if qw.grid == "ternary" else f"t = {mul}(q - z) + 1, d = s/{mul}"
+        return cls.pack(t.numpy(), _per_block(d, qw, QK)), desc
+
+
+@register
+class TQ2_0(_Ternary):
+    name, ggml, file_type, code_bits = "tq2_0", GGMLQuantizationType.TQ2_0, LlamaFileType.MOSTLY_TQ2_0, 2
+
+    @staticmethod
+    def pack(t: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """t trits 0..2 (rows, cols), d float16 (rows, cols // 256) -> uint8 (rows, cols // 256 * 66)."""
+        rows = t.shape[0]
+        return _rows(np.concatenate([_crumbs256(_blocks(t.astype(np.uint8), QK)), _f16(d)], axis=1), rows)
+
+
+@register
+class TQ1_0(_Ternary):
+    name, ggml, file_type, code_bits = "tq1_0", GGMLQuantizationType.TQ1_0, LlamaFileType.MOSTLY_TQ1_0, 2
+
+    @staticmethod
+    def pack(t: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """t trits 0..2; elements 0..159 in qs[0:32], 160..239 in qs[32:48], 240..255 in qh[4]."""
+        rows = t.shape[0]
+        b = _blocks(t.astype(np.uint8), QK)
+        n = b.shape[0]
+        qs0 = _pack_trits(b[:, :160].reshape(n, 5, 32), 5)
+        qs1 = _pack_trits(b[:, 160:240].reshape(n, 5, 16), 5)
+        qh = _pack_trits(b[:, 240:].reshape(n, 4, 4), 4)
+        return _rows(np.concatenate([qs0, qs1, qh, _f16(d)], axis=1), rows)
+
+
+ORDER = tuple(sorted(TYPES, key=lambda t: TYPES[t].bits_per_weight()))  # tightest first
+
+
+def choose(qw: QuantizedWeight, want: str, name: str) -> tuple[Encoded, str | None]:
+    """(encoding, note) for one tensor: `want` ("auto": the tightest) where it fits, else the tightest exact
+    type, with a note; ConfigError when `want` cannot hold the grid or no GGUF type holds the layer."""
+    holders = [t for t in ORDER if TYPES[t].can_hold(qw.grid, qw.bits)]
+    if want != "auto" and want not in holders:
+        raise ConfigError(
+            f"--type {want} cannot hold {qw.grid} {qw.bits}-bit weights exactly: "
+            f"choose auto or one of {', '.join(holders) or '(none)'}"
+        )
+    for t in ([want] if want != "auto" else []) + [t for t in ORDER if t != want]:
+        try:
+            enc = TYPES[t].encode(qw, name)
+        except FormatError:
+            continue
+        note = None
+        if want != "auto" and t != want:
+            note = (f"{name}: {want} does not fit this {qw.shape[0]}x{qw.shape[1]} layer (row or group {qw.group_size} "
+                    f"not a multiple of {TYPES[want].block()}, or values outside its range): stored exactly as {t}")
+        return enc, note
+    raise ConfigError(
+        f"{name}: no GGUF type holds {qw.grid} {qw.bits}-bit weights of shape {qw.shape[0]}x{qw.shape[1]} "
+        f"(group {qw.group_size}) exactly (rows and groups must be multiples of 32, levels must fit int8): "
+        f"export with --format gptq or --format onnx instead"
+    )
+
+
+def file_type(types: list[str], keep: str) -> LlamaFileType:
+    """general.file_type: the most common quantized type's, or F16 / F32 when nothing is quantized."""
+    if not types:
+        return LlamaFileType.MOSTLY_F16 if keep == "f16" else LlamaFileType.ALL_F32
+    return TYPES[max(set(types), key=types.count)].file_type
+
+
+# ---------------------------------------------------------------------------------------------
+# float tensors and llama.cpp's q/k row order
+
+KEEP = ("f16", "f32", "q8_0")  # how float tensors other than norms and biases may be stored
+
+
+def encode_float(name: str, t: torch.Tensor, keep: str):
+    """(array, raw ggml type or None, dtype name, max abs err) of a float tensor: norms, biases and 1-d
+    tensors F32, others in `keep` (Q8_0 through gguf-py's own quantizer: these are float weights)."""
+    t32 = t.to(torch.float32)
+    if t.dim() == 1 or name.endswith(".bias") or "norm" in name or keep == "f32":
+        return t32.numpy(), None, "f32", 0.0
+    if keep == "q8_0" and t.shape[-1] % 32 == 0:
+        from gguf.quants import quantize
+
+        q = quantize(t32.numpy(), GGMLQuantizationType.Q8_0)
+        err = float(np.abs(Q8_0.decode(q, tuple(t.shape)) - t32.numpy()).max())
+        return q, GGMLQuantizationType.Q8_0, "q8_0", err
+    h = t32.to(torch.float16)
+    return h.numpy(), None, "f16", float((h.to(torch.float32) - t32).abs().max())
+
+
+def permute_rows(x, n_head: int):
+    """llama.cpp's q/k row order for the `llama` (NORM) rope: per head, interleave the two halves."""
+    rows = x.shape[0]
+    return x.reshape(n_head, 2, rows // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def permute_qw(qw: QuantizedWeight, n_head: int) -> QuantizedWeight:
+    return QuantizedWeight(permute_rows(qw.codes, n_head), permute_rows(qw.scale, n_head),
+                           permute_rows(qw.zero, n_head),
+                           qw.grid, qw.bits, qw.group_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading a file back
+
+
+def read(path):
+    """gguf-py's GGUFReader of a file (memory-mapped: metadata fields and tensors, nothing dequantized)."""
+    from gguf import GGUFReader
+
+    return GGUFReader(str(Path(path)))
+
+
+def read_tensors(path) -> dict:
+    """{GGUF tensor name: gguf-py ReaderTensor} of a file."""
+    return {t.name: t for t in read(path).tensors}
+
+
+def read_quantized(tensors: dict, name: str, type_name: str, shape: tuple[int, int]) -> np.ndarray:
+    """float32 (rows, cols) of the quantized tensor `name` of a file's `read_tensors()`, dequantized by gguf-py;
+    FormatError when it is missing or stored as another type."""
+    if name not in tensors:
+        raise FormatError(f"{name} is missing from the written file")
+    t = tensors[name]
+    if t.tensor_type.name.lower() != type_name:
+        raise FormatError(f"{name}: written as {t.tensor_type.name}, expected {type_name.upper()}")
+    return TYPES[type_name].decode(np.asarray(t.data), shape)
