@@ -63,16 +63,16 @@ PRESETS = {
         batch_size=2,
         eval_every=25,
         eval_batches=16,
-        lrs=[3e-4, 1e-3, 3e-3],
+        lrs=[3e-4, 1e-3, 3e-3, 1e-2],
         default_steps=60,
         default_seq=128,
         default_eval_every=20,
         pretrain_steps=600,
         cost_steps=6,
-        abl_steps=100,
+        abl_steps={"seq2": 100, "lsq4": 50},
         abl_seq=64,
         abl_lr=1e-3,
-        abl_lrs_extra=[3e-3],
+        abl_lrs_extra=[],
         abl_eval_every=20,
         abl_eval_batches=8,
         travel=0.5,
@@ -94,7 +94,7 @@ PRESETS = {
         default_eval_every=100,
         pretrain_steps=4000,
         cost_steps=20,
-        abl_steps=2000,
+        abl_steps={"seq2": 2000, "lsq4": 2000},
         abl_seq=256,
         abl_lr=1e-3,
         abl_lrs_extra=[3e-4, 3e-3],
@@ -118,7 +118,7 @@ PRESETS = {
         default_eval_every=3,
         pretrain_steps=20,
         cost_steps=3,
-        abl_steps=4,
+        abl_steps={"seq2": 4, "lsq4": 4},
         abl_seq=16,
         abl_lr=1e-3,
         abl_lrs_extra=[3e-3],
@@ -192,6 +192,26 @@ def run_jobs(jobs: list[dict], a: argparse.Namespace) -> None:
         while pending and len(running) < a.p["workers"]:
             job = pending.pop(0)
             metrics = Path(job["out"]) / "metrics.jsonl"
+            same_as = job.get("same_as")  # winq-travel: identical to noise-only when the trigger cannot fire
+            if same_as is not None and same_as.get("records"):
+                top = max((r.get("travel", 0.0) for r in same_as["records"]), default=0.0)
+                if top < a.p["travel"]:
+                    job["records"] = same_as["records"]
+                    job["implied"] = (
+                        f"not run: identical to {same_as['name']}, whose travel never reached "
+                        f"{a.p['travel']} (max {top:.4f}), so the travel trigger cannot fire"
+                    )
+                    log(f"{job['name']}: {job['implied']}")
+                    continue
+            if a.summarize_only:
+                finished = (Path(job["out"]) / "winq.json").exists() and metrics.exists()
+                job["records"] = (
+                    [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if finished else None
+                )
+                if job.get("kind") == "pretrain-metrics" or "cost" in job.get("kind", ""):
+                    job["records"] = []
+                log(f"{'loaded' if finished else 'not run'}: {job['name']}")
+                continue
             if a.reuse and job.get("kind") == "pretrain-metrics" and (Path(job["out"]) / "pretrain.json").exists():
                 log(f"reused {job['name']}")
                 continue
@@ -429,7 +449,11 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [(k, v) for k, v in result["studies"].items()]
-    fig, axes = plt.subplots(2, len(panels), figsize=(5.5 * len(panels), 7.5), squeeze=False)
+    ncol = min(4, len(panels))
+    nrow = -(-len(panels) // ncol)  # each study: loss on top, flip rate below
+    fig, axes = plt.subplots(2 * nrow, ncol, figsize=(5.5 * ncol, 7.0 * nrow), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
     colors = {
         "qat": "tab:blue",
         "winq": "tab:red",
@@ -438,17 +462,19 @@ def plot(result: dict, path: Path) -> None:
         "winq-travel": "tab:purple",
         "winq-plateau": "tab:brown",
     }
-    for col, (title, study) in enumerate(panels):
-        ax, ax2 = axes[0][col], axes[1][col]
+    for i, (title, study) in enumerate(panels):
+        ax, ax2 = axes[2 * (i // ncol)][i % ncol], axes[2 * (i // ncol) + 1][i % ncol]
+        ax.set_visible(True)
+        ax2.set_visible(True)
         for name, r in study["runs"].items():
-            method = name.split("@")[0]
-            c = colors.get(method, "gray")
-            ls = "--" if name.endswith("s1") else "-"
+            if r.get("implied"):
+                continue  # identical to its noise-only twin
+            c = colors.get(name, "gray")
             ec = r["eval_curve"]
             ax.plot(
                 [x for x, _ in ec],
                 [y for _, y in ec],
-                ls,
+                "-",
                 color=c,
                 marker="o",
                 ms=2,
@@ -456,7 +482,7 @@ def plot(result: dict, path: Path) -> None:
                 label=f"{name} ({r['final_eval_loss']:.3f})",
             )
             fr = r["diagnostics"]["flip_rate"]
-            ax2.semilogy([x for x, _ in fr], [max(y, 1e-7) for _, y in fr], ls, color=c, lw=0.7, alpha=0.8)
+            ax2.semilogy([x for x, _ in fr], [max(y, 1e-7) for _, y in fr], "-", color=c, lw=0.7, alpha=0.8)
             for rs in r["resets"]:
                 ax.axvline(rs["step"], color=c, ls=":", lw=0.6, alpha=0.6)
                 ax2.axvline(rs["step"], color=c, ls=":", lw=0.6, alpha=0.6)
@@ -476,6 +502,12 @@ def main() -> None:
     ap.add_argument("--out", default="results/convergence.json")
     ap.add_argument("--reuse", action="store_true", help="reuse finished runs found in --workdir")
     ap.add_argument("--skip", default="", help="comma-separated phases to skip: cost, default, small")
+    ap.add_argument("--tables", action="store_true", help="print the README's markdown tables from the --out JSON")
+    ap.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="launch nothing: summarise the finished runs in --workdir (unfinished ones are listed as not run)",
+    )
     ap.add_argument(
         "--cost-only",
         action="store_true",
@@ -488,6 +520,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.cost_worker:
         return cost_worker(a.cost_worker, a.steps, a.seq_len, a.threads, a.workdir)
+    if a.tables:
+        return print_tables(json.loads(Path(a.out).read_text()))
     a.p = dict(PRESETS[a.preset])
     p = a.p
     if a.cost_only:
@@ -610,72 +644,86 @@ def main() -> None:
     jobs3, abl = [], {}
 
     def ajob(setting, method, lr, seed):
+        name = f"default-{setting}-{method}-lr{lr:g}-s{seed}-abl"
+        steps = p["abl_steps"][setting]
         return job(
-            a,
-            f"default-{setting}-{method}-lr{lr:g}-s{seed}-abl",
-            setting,
-            method,
-            lr,
-            seed,
-            None,
-            p["abl_steps"],
-            p["abl_seq"],
-            p["abl_eval_every"],
-            p["abl_eval_batches"],
+            a, name, setting, method, lr, seed, None, steps, p["abl_seq"], p["abl_eval_every"], p["abl_eval_batches"]
         )
 
-    for setting, seeds in (("seq2", (0, 1)), ("lsq4", (0,))):
-        for seed in seeds:
-            for method in METHODS:
-                abl[(setting, method, seed)] = j = ajob(setting, method, lr3, seed)
-                jobs3.append(j)
+    order = (("seq2", 0), ("lsq4", 0), ("seq2", 1))
+    for setting, seed in order:
+        for method in METHODS:
+            abl[(setting, method, seed)] = ajob(setting, method, lr3, seed)
+    # the headline first (2-bit seed 0, then seed 1's qat / noise-only / winq), then 4-bit, then the rest;
+    # winq-travel last, after its noise-only twin: identical to it (and not run) when the travel never reaches T
+    first = [("seq2", m, 0) for m in METHODS if m != "winq-travel"]
+    first += [("seq2", m, 1) for m in ("qat", "noise-only", "winq")]
+    first += [("lsq4", m, 0) for m in METHODS if m != "winq-travel"]
+    first += [("seq2", m, 1) for m in ("reset-only", "winq-plateau")]
+    first += [(st, "winq-travel", sd) for st, sd in order]
+    for key in first:
+        if key[1] == "winq-travel":
+            abl[key]["same_as"] = abl[(key[0], "noise-only", key[2])]
+        jobs3.append(abl[key])
     dsweep = {}
     for lr in p["abl_lrs_extra"]:
         for method in ("qat", "winq"):
             dsweep[(lr, method)] = j = ajob("seq2", method, lr, 0)
             jobs3.append(j)
     run_jobs(jobs3, a)
+    done = lambda j: j.get("records") is not None  # noqa: E731 - with --summarize-only, unfinished runs are left out
     dres = {f"{lr3:g}": {m: summarise_run(abl[("seq2", m, 0)]["records"]) for m in ("qat", "winq")}}
     for lr in p["abl_lrs_extra"]:
-        dres[f"{lr:g}"] = {m: summarise_run(dsweep[(lr, m)]["records"]) for m in ("qat", "winq")}
+        if all(done(dsweep[(lr, m)]) for m in ("qat", "winq")):
+            dres[f"{lr:g}"] = {m: summarise_run(dsweep[(lr, m)]["records"]) for m in ("qat", "winq")}
     result["lr_sweep_default_model"] = {
         "setting": "seq2",
-        "steps": p["abl_steps"],
+        "steps": p["abl_steps"]["seq2"],
         "seq_len": p["abl_seq"],
         "final_eval_loss": {k: {m: v[m]["final_eval_loss"] for m in v} for k, v in dres.items()},
         "compare": {k: compare(v) for k, v in dres.items()},
     }
     for lr in p["abl_lrs_extra"]:
-        result["studies"][f"default model, 2-bit seq, lr {lr:g} (sweep)"] = {
-            "model": "smollm2-135m",
-            "runs": dres[f"{lr:g}"],
-            "compare": compare(dres[f"{lr:g}"]),
-        }
-    ablation = {}
-    for setting, seeds in (("seq2", (0, 1)), ("lsq4", (0,))):
+        if f"{lr:g}" in dres:
+            runs = dres[f"{lr:g}"]
+            result["studies"][f"default model, 2-bit seq, lr {lr:g} (sweep)"] = {"runs": runs, "compare": compare(runs)}
+    ablation, missing = {}, [j["name"] for j in jobs3 if not done(j)]
+    for setting in ("seq2", "lsq4"):
+        seeds = [sd for st, sd in order if st == setting]
         per_seed = {}
         for seed in seeds:
-            runs = {m: summarise_run(abl[(setting, m, seed)]["records"]) for m in METHODS}
-            per_seed[seed] = {"runs": runs, "compare": compare(runs)}
-            result["studies"][f"default model, {setting}, lr {lr3:g}, seed {seed} (ablation)"] = {
-                "model": "smollm2-135m",
-                **per_seed[seed],
+            runs = {
+                m: summarise_run(abl[(setting, m, seed)]["records"]) for m in METHODS if done(abl[(setting, m, seed)])
             }
+            if "qat" not in runs:
+                continue
+            for m in runs:
+                if abl[(setting, m, seed)].get("implied"):
+                    runs[m]["implied"] = abl[(setting, m, seed)]["implied"]
+            per_seed[seed] = {"runs": runs, "compare": compare(runs)}
+            title = f"default model, {setting}, lr {lr3:g}, {p['abl_steps'][setting]} steps, seed {seed} (ablation)"
+            result["studies"][title] = per_seed[seed]
         summary = {}
         for m in METHODS:
-            ratios = [per_seed[s]["compare"][m]["steps_ratio_qat_over_method"] for s in seeds]
-            finals = [per_seed[s]["compare"][m]["final_eval_loss"] for s in seeds]
-            tr = [per_seed[s]["compare"][m]["step_time_ratio_vs_qat"] for s in seeds]
+            ss = [sd for sd in per_seed if m in per_seed[sd]["runs"]]
+
+            def cmp(sd, m=m):
+                return per_seed[sd]["compare"][m]
+
+            def run(sd, m=m):
+                return per_seed[sd]["runs"][m]
+
             summary[m] = {
-                "steps_ratio_per_seed": ratios,
-                "final_eval_loss_per_seed": finals,
-                "step_time_ratio_per_seed": tr,
-                "travel_per_interval_per_seed": [per_seed[s]["runs"][m]["travel_per_interval"] for s in seeds],
-                "lr_travel_per_interval_per_seed": [per_seed[s]["runs"][m]["lr_travel_per_interval"] for s in seeds],
-                "resets_per_seed": [[r["step"] for r in per_seed[s]["runs"][m]["resets"]] for s in seeds],
-                "mean_flip_rate_after_first_reset_per_seed": [
-                    per_seed[s]["runs"][m]["mean_flip_rate_after_first_reset"] for s in seeds
-                ],
+                "seeds": ss,
+                "steps_ratio_per_seed": [cmp(sd)["steps_ratio_qat_over_method"] for sd in ss],
+                "step_reaching_qat_final_per_seed": [cmp(sd)["step_reaching_qat_final"] for sd in ss],
+                "final_eval_loss_per_seed": [cmp(sd)["final_eval_loss"] for sd in ss],
+                "step_time_ratio_per_seed": [cmp(sd)["step_time_ratio_vs_qat"] for sd in ss],
+                "travel_per_interval_per_seed": [run(sd)["travel_per_interval"] for sd in ss],
+                "lr_travel_per_interval_per_seed": [run(sd)["lr_travel_per_interval"] for sd in ss],
+                "resets_per_seed": [[r["step"] for r in run(sd)["resets"]] for sd in ss],
+                "mean_flip_rate_after_first_reset_per_seed": [run(sd)["mean_flip_rate_after_first_reset"] for sd in ss],
+                "mean_flip_rate_per_seed": [run(sd)["mean_flip_rate"] for sd in ss],
             }
         ablation[setting] = summary
     result["ablation"] = {
@@ -685,8 +733,59 @@ def main() -> None:
         "seq_len": p["abl_seq"],
         "batch_size": 1,
         **ablation,
+        "not_run": missing,
     }
     finish(result, a, t0)
+
+
+def _f(x, fmt="{:.3f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def print_tables(r: dict) -> None:
+    """Markdown tables of a result file (the README's figures come from here, not from hand copies)."""
+    for title, st in r["studies"].items():
+        runs = st["runs"]
+        print(f"\n**{title}**\n")
+        print(
+            "| method | final held-out loss | step reaching QAT's final | QAT steps / that step "
+            "| resets (step: travel, lr bound) | mean flip rate after 1st reset | step time vs QAT |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for m, run in runs.items():
+            c = st["compare"][m]
+            rs = (
+                "; ".join(f"{x['step']}: {x.get('travel', 0):.3f}, {x.get('lr_travel', 0):.2f}" for x in run["resets"])
+                or "none"
+            )
+            note = " (identical to noise-only, not run)" if run.get("implied") else ""
+            print(
+                f"| {m}{note} | {_f(run['final_eval_loss'])} | {_f(c['step_reaching_qat_final'], '{}')} | "
+                f"{_f(c['steps_ratio_qat_over_method'], '{:.2f}')} | {rs} | "
+                f"{_f(run['mean_flip_rate_after_first_reset'], '{:.1e}')} | "
+                f"{_f(c['step_time_ratio_vs_qat'], '{:.2f}')} |"
+            )
+    for setting in ("seq2", "lsq4"):
+        ab = r.get("ablation", {}).get(setting)
+        if not ab:
+            continue
+        print(f"\n**ablation summary, {setting}** (per seed)\n")
+        print("| method | seeds | final held-out loss | QAT steps / method steps | step time vs QAT |")
+        print("|---|---|---|---|---|")
+        for m, v in ab.items():
+            print(
+                f"| {m} | {v['seeds']} | {', '.join(_f(x) for x in v['final_eval_loss_per_seed'])} | "
+                f"{', '.join(_f(x, '{:.2f}') for x in v['steps_ratio_per_seed'])} | "
+                f"{', '.join(_f(x, '{:.2f}') for x in v['step_time_ratio_per_seed'])} |"
+            )
+    if "cost" in r:
+        print("\n**cost**\n")
+        print("| config | fastest step (s) | peak RSS (MB) |")
+        print("|---|---|---|")
+        for k, v in r["cost"].items():
+            if isinstance(v, dict) and "min_step_s" in v:
+                print(f"| {k} | {v['min_step_s']:.2f} | {v['peak_rss_mb']} |")
+        print(json.dumps(r["cost"].get("ratios")))
 
 
 def cost_only(a) -> None:

@@ -90,9 +90,10 @@ def train(
         str,
         typer.Option(
             "--reinit-every",
-            help="WinQ reset period in steps; -1: a quarter of --steps; auto: when --reinit-trigger fires",
+            help="when to reset: auto (when --reinit-trigger fires; the default), a period in steps, or -1 "
+            "(a quarter of --steps, the reference's ratio)",
         ),
-    ] = "-1",
+    ] = "auto",
     reinit_trigger: Annotated[
         str,
         typer.Option(
@@ -103,7 +104,7 @@ def train(
     ] = "travel",
     reinit_travel: Annotated[
         float, typer.Option("--reinit-travel", help="travel trigger: mean |W - W_at_reset| in median steps")
-    ] = 1.0,
+    ] = 0.5,
     reinit_flip: Annotated[
         float, typer.Option("--reinit-flip", help="plateau trigger: smoothed flip rate / its peak since the last reset")
     ] = 0.1,
@@ -127,6 +128,15 @@ def train(
     quantize_lm_head: Annotated[
         bool, typer.Option("--quantize-lm-head", help="quantize the output projection too")
     ] = False,
+    act_quant: Annotated[
+        str,
+        typer.Option(
+            "--act-quant",
+            help="train on a runtime's 8-bit activations (straight-through gradient): none (default) | q8_0 "
+            "(llama.cpp Q4_0/Q8_0) | q8_k (llama.cpp K/TQ types) | ort_int8[:block] (onnxruntime accuracy level 4, "
+            "block 32 by default); recorded in winq.json, checked by the exporters",
+        ),
+    ] = "none",
     out: Annotated[Path, typer.Option(help="checkpoint folder to write")] = Path("runs/winq"),
     resume: Annotated[bool, typer.Option(help="continue the run saved in --out (its saved settings are used)")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing checkpoint in --out")] = False,
@@ -175,6 +185,7 @@ def train(
             save_every=save_every,
             eval_every=eval_every,
             eval_batches=eval_batches,
+            act_quant=act_quant,
         )
         from winq.checkpoint import is_checkpoint
 
@@ -233,6 +244,16 @@ def eval_cmd(
             "default: as exported",
         ),
     ] = None,
+    act: Annotated[
+        str,
+        typer.Option(
+            "--act",
+            help="fakequant: emulate a runtime's 8-bit activation quantization in front of every quantized layer: "
+            "llamacpp (types from --gguf's winq-export.json, else as the GGUF exporter would choose) | ort4 "
+            "(MatMulNBits accuracy level 4; block size and bits from --onnx's record, else the exporter's "
+            "defaults) | none (default)",
+        ),
+    ] = "none",
     model: ModelOpt = None,
     data: DataOpt = "ptb",
     split: Annotated[str, typer.Option(help="train | valid | test")] = "test",
@@ -268,16 +289,30 @@ def eval_cmd(
             raise ConfigError(f"--seq-len must be at least 2, got {seq_len}")
         if threads:
             torch.set_num_threads(threads)
-        opts = LoadOptions(threads=threads, context=seq_len, accuracy_level=accuracy_level)
+        from winq.runtime.act import ACT_CHOICES
+
+        if act not in ACT_CHOICES:
+            raise ConfigError(f"--act {act!r}: choose one of {', '.join(ACT_CHOICES)}")
+        if act != "none" and "fakequant" not in names:
+            raise ConfigError("--act applies to the fakequant backend: add fakequant to --backend")
+        act_from = {"llamacpp": gguf, "ort4": onnx}.get(act)
+        opts = LoadOptions(threads=threads, context=seq_len, accuracy_level=accuracy_level, act=act,
+                           act_artifact=act_from)
         sessions = {n: BACKENDS[n].load(paths[n], opts) for n in order}
         tok = tokenizer_for([checkpoint, *paths.values()])
         ids = eval_ids(tok, data, split, max_tokens or None)
-        return compare(
+        res = compare(
             {n: s.logits for n, s in sessions.items()}, ids, seq_len=seq_len, stride=stride, progress=not as_json
         )
+        plan = getattr(sessions.get("fakequant"), "act_plan", None)
+        if plan is not None:
+            res["act"] = {"mode": act, "plan": plan.describe(), "schemes": plan.counts()}
+        return res
 
     res = _run(go)
     ref, results = res["reference"], res["results"]
+    if "act" in res and not as_json:
+        note(f"fakequant emulates {res['act']['plan']}", style="cyan", label="act:")
     rel = {n: r["ppl_rel_diff"] for n, r in results.items() if n != ref}
     if as_json:
         print(
@@ -289,6 +324,7 @@ def eval_cmd(
                     "stride": stride or seq_len - 1,
                     "results": results,
                     **({"reference": ref, "ppl_relative_diff": rel} if rel else {}),
+                    **({"act": res["act"]} if "act" in res else {}),
                 },
                 indent=2,
             )

@@ -193,6 +193,15 @@ def inspect_cmd(
     runs = rep.get("backends")
     out.print(f"runs with: {', '.join(f'--backend {b}' for b in runs) if runs else 'no winq backend'}", highlight=False,
               markup=False)
+    diag = rep.get("diagnostics")
+    if diag:
+        last = diag["last"]
+        resets = ", ".join(f"{r['step']} ({r.get('trigger', 'fixed')})" for r in diag["resets"]) or "none"
+        out.print(f"codes at step {last['step']}: flip rate {last['flip_rate']:.2e} per step, "
+                  f"{last['flips_since_reset']:.2e} changed since the last reset, "
+                  f"oscillation {last['oscillation']:.2e}, "
+                  f"boundary margin {last['boundary_margin']:.3f} steps, travel {last['travel']:.3f} steps "
+                  f"(lr bound {last['lr_travel']:.3f}); resets at {resets}", highlight=False, markup=False)
     rec = rep["record"]
     if rec is None:
         out.print("verification record: none (a checkpoint; `winq export` writes one)", highlight=False)

@@ -6,8 +6,10 @@ The file holds the llama.cpp metadata (exporters/gguf_meta.py: architecture, hyp
 tokenizer), the export settings under `winq.export`, float tensors (norms and biases F32, the
 embeddings and an untied lm_head in `--keep` precision) and every quantized tensor in the GGUF
 type `--type` asks for where it fits, else the tightest exact one (winq.formats.gguf.choose).
-Tensor names come from gguf-py's tensor name map; q_proj / k_proj rows are permuted for the
-`llama` rope (not for qwen2, which uses NEOX rope). Verification reads the file back with
+Tensor names come from gguf-py's tensor name map of the llama.cpp architecture (gguf_meta.ARCHS:
+llama, qwen2, qwen3, gemma3, phi3, smollm3); q_proj / k_proj rows are permuted where llama.cpp
+runs the NORM rope (llama, smollm3), Gemma 3's norm weights are stored as 1 + w, Phi-3's fused
+qkv_proj / gate_up_proj are each one quantized tensor (attn_qkv, ffn_up). Verification reads the file back with
 gguf-py's reader and dequantizer: every quantized tensor must equal QuantizedWeight.dequantize().
 """
 
@@ -26,7 +28,7 @@ from winq.formats import gguf as G
 from winq.formats.manifest import FloatRecord, TensorRecord
 
 from . import Exporter, Source, Verified, Written, float_tensors, option, register
-from .gguf_meta import add_hparams, add_tokenizer, arch_of, config_value
+from .gguf_meta import SUPPORTED, add_hparams, add_tokenizer, arch_spec, config_value
 
 FILE = "model.gguf"
 TYPES = ("auto", *G.ORDER)  # what --type accepts
@@ -48,7 +50,8 @@ class GGUFOptions:
 def _name_map(arch: str, n_blocks: int):
     import gguf
 
-    return gguf.get_tensor_name_map({"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch], n_blocks)
+    by_name = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+    return gguf.get_tensor_name_map(by_name[arch], n_blocks)
 
 
 def gguf_name(hf: str, arch: str, n_blocks: int) -> str | None:
@@ -56,6 +59,20 @@ def gguf_name(hf: str, arch: str, n_blocks: int) -> str | None:
     if "rotary_emb" in hf:
         return None
     return _name_map(arch, n_blocks).get_name(hf, try_suffixes=(".weight", ".bias"))
+
+
+PHI3_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def _model_name(config, tokenizer) -> str:
+    """general.name. llama.cpp sets token attributes by model name: a name with "phi3" / "phi-3" makes it look up
+    Phi-3's special tokens and fail to load a vocabulary without them, so such a name is then written without
+    the "3" (`phi-model`); the name changes nothing else."""
+    name = str(config_value(config, "_name_or_path", "") or "winq model").split("/")[-1] or "winq model"
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    if re.search(r"phi-?3", name.lower()) and not all(t in vocab for t in PHI3_TOKENS):
+        name = re.sub(r"(?i)phi-?3", "phi-model", name)
+    return name
 
 
 def _order(k: str):
@@ -72,12 +89,13 @@ def write_gguf(path: Path, model, qws: dict, tokenizer, folder: Path, opt: GGUFO
     import gguf
 
     config = model.config
-    arch = arch_of(config)
+    spec = arch_spec(config)
+    arch = spec.name
     n_head = int(config.num_attention_heads)
     n_kv = int(config_value(config, "num_key_value_heads", n_head))
     n_blocks = int(config.num_hidden_layers)
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(str(config_value(config, "_name_or_path", "") or "winq model").split("/")[-1] or "winq model")
+    w.add_name(_model_name(config, tokenizer))
     hp = add_hparams(w, config, arch)
     tk = add_tokenizer(w, folder, tokenizer, config, arch)
     if meta is not None:
@@ -95,10 +113,10 @@ def write_gguf(path: Path, model, qws: dict, tokenizer, folder: Path, opt: GGUFO
             if "rotary_emb" in key:
                 continue
             raise ConfigError(f"tensor {key} has no place in a llama.cpp {arch} model; GGUF export covers "
-                              f"Llama/Mistral/Qwen2 layouts")
+                              f"the {SUPPORTED} layouts")
         heads = n_head if ".q_proj." in key else n_kv if ".k_proj." in key else None
-        if arch != "llama":
-            heads = None  # qwen2's NEOX rope reads rows as they are
+        if not spec.permute_qk:
+            heads = None  # NEOX rope (qwen2, qwen3, gemma3, phi3) reads rows as they are
         if key in quant_names:
             mod = quant_names[key]
             qw = G.permute_qw(qws[mod], heads) if heads else qws[mod]
@@ -121,9 +139,12 @@ def write_gguf(path: Path, model, qws: dict, tokenizer, folder: Path, opt: GGUFO
             t = floats[key]
             if heads and t.dim() >= 1:
                 t = G.permute_rows(t, heads)
+            if spec.norm_shift and key.endswith("norm.weight"):
+                t = t.float() + spec.norm_shift  # Gemma's RMSNorm scales by (1 + w), llama.cpp's by the stored w
             arr, raw, dt, err = G.encode_float(key, t, opt.keep)
             w.add_tensor(gname, arr, raw_dtype=raw)
             frecs.append(FloatRecord(name=gname, dtype=dt, shape=tuple(t.shape), max_abs_err=err))
+    notes.extend(hp.pop("notes", []))
     if tied and "lm_head.weight" in quant_names:
         notes.append("the quantized lm_head is written as its own `output` tensor; token_embd stays float")
     types = [t for _, t, _ in layout.values()]
@@ -137,6 +158,23 @@ def write_gguf(path: Path, model, qws: dict, tokenizer, folder: Path, opt: GGUFO
     return Written(tensors=records, floats=frecs, notes=notes, info=info, layout=layout)
 
 
+def check_act_quant(written: Written, source: Source, types: dict[str, str]) -> None:
+    """Record llama.cpp's activation quantizer per layer (ggml's vec_dot_type of its GGUF type) against the
+    checkpoint's --act-quant in written.info["act_quant"]; a note (a printed warning) when they differ."""
+    from winq.actplan import ActQuant, act_mismatch
+    from winq.actquant import ggml_activation_scheme
+
+    runtime = {}
+    for mod, t in types.items():
+        scheme = ggml_activation_scheme(t)
+        runtime[mod] = ActQuant(scheme) if scheme is not None else None
+    trained = (source.info.get("train") or {}).get("act_quant")
+    record, warning = act_mismatch(trained, runtime, "llama.cpp")
+    written.info["act_quant"] = record
+    if warning:
+        written.notes.append(warning)
+
+
 @register("gguf")
 class GGUFExporter(Exporter):
     """`winq export --format gguf`: see the module docstring."""
@@ -147,8 +185,10 @@ class GGUFExporter(Exporter):
     def write(self, folder: Path, source: Source, options: GGUFOptions) -> Written:
         meta = {"options": {"type": options.type, "keep": options.keep}, "checkpoint": str(source.checkpoint),
                 "winq": source.info}
-        return write_gguf(Path(folder) / FILE, source.model, source.qweights, source.tokenizer, source.checkpoint,
-                          options, meta=meta)
+        written = write_gguf(Path(folder) / FILE, source.model, source.qweights, source.tokenizer,
+                             source.checkpoint, options, meta=meta)
+        check_act_quant(written, source, {mod: t for mod, t, _ in written.layout.values()})
+        return written
 
     def verify(self, folder: Path, written: Written, reference: Source) -> Verified:
         """Read the file back with gguf-py and compare every quantized tensor with QuantizedWeight.dequantize()."""

@@ -31,6 +31,7 @@ import torch
 from winq.errors import ConfigError
 from winq.formats import gptq as F
 from winq.formats.manifest import FloatRecord, TensorRecord
+from winq.packing import period
 
 from . import Exporter, ExportError, Source, Verified, Written, copy_side_files, float_tensors, option, register
 
@@ -122,6 +123,29 @@ def _grid_and_group(source: Source, opt: GPTQOptions, notes: list[str]):
     return grid, bits, c, group
 
 
+def _map_layers(qws: dict, grid: str, bits: int, c, opt: GPTQOptions, notes: list[str]):
+    """Every layer's GPTQ form, and {name: container} of the 2/3-bit layers whose sizes miss the packing
+    period and go into the exact 4-bit container instead (gptqmodel's per-module `dynamic` bits)."""
+    layers, wide = {}, {}
+    wc = F.wider_container(grid, bits)
+    for n, qw in qws.items():
+        if F.fits_shape(*qw.shape, c.bits) or wc is None or not F.fits_shape(*qw.shape, wc.bits):
+            layers[n] = F.map_weight(n, qw)  # fits, or refused with the shape error
+            continue
+        if opt.strict:
+            F.check_shape(n, *qw.shape, c.bits)  # raises: --strict takes no wider containers
+        layers[n] = F.map_weight(n, qw, wc)
+        wide[n] = wc
+    if wide:
+        first = next(iter(wide))
+        notes.append(
+            f"{len(wide)} layer(s) (e.g. {first}, {tuple(qws[first].shape)}) miss the {c.bits}-bit packing period "
+            f"{period(c.bits)} and are stored in the exact {wc.describe(grid, bits)}, named in quantization_config."
+            f"dynamic: gptqmodel's own loader (GPTQModel.load) reads per-module bits; transformers + optimum apply "
+            f"one bit width to every layer and cannot load this folder")
+    return layers, wide
+
+
 def _checkpoint_format(layers: dict, grid: str, asked: str | None, notes: list[str]) -> str:
     """v1 unless a zero point is 0 (then v2 when not asked for v1, which refuses)."""
     n0 = next((n for n, layer in layers.items() if int(layer.zero.min()) < 1), None)
@@ -161,8 +185,16 @@ class GPTQExporter(Exporter):
         grid, bits, c, group = _grid_and_group(source, options, notes)
         desc = c.describe(grid, bits)
         prefix, in_block = _block_layout(list(qws), source.model)
-        layers = {n: F.map_weight(n, qw) for n, qw in qws.items()}  # every layer first: a refusal writes nothing
+        layers, wide = _map_layers(qws, grid, bits, c, options, notes)  # every layer first: a refusal writes nothing
         fmt = _checkpoint_format(layers, grid, options.checkpoint_format, notes)
+        sym = grid == "lsq"  # z = 2^(b-1) everywhere: GPTQ's symmetric case
+        if wide and not sym and fmt == "gptq":  # gptqmodel's own loader refuses v1 files with sym false
+            why = (f"the 4-bit layers of this {grid} checkpoint are read only by gptqmodel's own loader, which loads "
+                   f"asymmetric (sym false) GPTQ only as gptq_v2")
+            if options.checkpoint_format == "gptq":
+                raise ConfigError(f"{why}: export with --checkpoint-format gptq_v2")
+            notes.append(f"{why}: writing checkpoint_format gptq_v2")
+            fmt = "gptq_v2"
 
         tensors: dict[str, torch.Tensor] = {}
         records = []
@@ -171,8 +203,10 @@ class GPTQExporter(Exporter):
             nbytes = sum(x.numel() * x.element_size() for x in t.values())
             tensors.update({f"{n}.{k}": x for k, x in t.items()})
             qw = qws[n]
+            lc = wide.get(n, c)
             records.append(TensorRecord(
-                name=n, grid=grid, bits=bits, container_bits=c.bits, container=desc, group_size=qw.group_size,
+                name=n, grid=grid, bits=bits, container_bits=lc.bits, container=lc.describe(grid, bits),
+                group_size=qw.group_size,
                 shape=tuple(qw.shape), bytes=nbytes, bits_per_weight=round(8 * nbytes / (qw.shape[0] * qw.shape[1]), 4),
             ))
         fdtype = FLOAT_DTYPES[options.float_dtype]
@@ -188,10 +222,11 @@ class GPTQExporter(Exporter):
             tensors[k] = v.contiguous()
         save_file(tensors, str(folder / F.WEIGHTS_FILE), metadata={"format": "pt", "quantizer": "winq"})
 
-        sym = grid == "lsq"  # z = 2^(b-1) everywhere: GPTQ's symmetric case
         qcfg = _quant_config(c.bits, group, sym, fmt, grid, bits, desc)
         if in_block is not None:
             qcfg["modules_in_block_to_quantize"] = in_block
+        if wide:
+            qcfg["dynamic"] = dict(F.dynamic_entry(n, lc.bits) for n, lc in wide.items())
         source.model.config.save_pretrained(str(folder))
         cj = json.loads((folder / "config.json").read_text())
         cj.pop("torch_dtype", None)
@@ -205,6 +240,8 @@ class GPTQExporter(Exporter):
             "grid_bits": bits, "container": desc, "float_dtype": options.float_dtype, "block_prefix": prefix,
             "weights_file": F.WEIGHTS_FILE,
         }
+        if wide:
+            info["wide_layers"] = sorted(wide)
         return Written(tensors=records, floats=floats, notes=notes, info=info)
 
     def verify(self, folder: Path, written: Written, reference: Source) -> Verified:
@@ -214,7 +251,7 @@ class GPTQExporter(Exporter):
         for n, qw in reference.qweights.items():
             if n not in read.layers or "g_idx" not in read.layers[n]:
                 raise ExportError(f"{F.WEIGHTS_FILE} lacks {n}'s tensors")
-            w = F.unpack_layer(read.layers[n], read.bits, read.checkpoint_format, n).dequantize()
+            w = F.unpack_layer(read.layers[n], read.layer_bits[n], read.checkpoint_format, n).dequantize()
             ref = qw.dequantize()
             errors[n] = float((w - ref).abs().max()) if w.shape == ref.shape else math.inf
         return Verified(errors)

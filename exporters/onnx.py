@@ -115,6 +115,23 @@ def _notes(kinds, two_bit: str) -> list[str]:
     return notes
 
 
+def check_act_quant(written: Written, source: Source, bits: dict[str, int], options: ONNXOptions) -> None:
+    """Record onnxruntime's activation quantizer per MatMulNBits (its bits, block_size, accuracy_level) against the
+    checkpoint's --act-quant in written.info["act_quant"]; a note (a printed warning) when they differ."""
+    from winq.actplan import ActQuant, act_mismatch
+    from winq.actquant import ort_activation_scheme
+
+    runtime = {}
+    for n, b in bits.items():
+        scheme = ort_activation_scheme(b, options.block_size, options.accuracy_level)
+        runtime[n] = ActQuant(scheme, options.block_size) if scheme is not None else None
+    trained = (source.info.get("train") or {}).get("act_quant")
+    record, warning = act_mismatch(trained, runtime, f"onnxruntime (accuracy_level {options.accuracy_level})")
+    written.info["act_quant"] = record
+    if warning:
+        written.notes.append(warning)
+
+
 @register("onnx")
 class ONNXExporter(Exporter):
     """`winq export --format onnx`: see the module docstring."""
@@ -163,7 +180,9 @@ class ONNXExporter(Exporter):
             "genai_config": GENAI_CONFIG,
             "containers": containers,
         }
-        return Written(tensors=records, floats=floats, notes=_notes(kinds, options.two_bit), info=info)
+        written = Written(tensors=records, floats=floats, notes=_notes(kinds, options.two_bit), info=info)
+        check_act_quant(written, source, {n: L.bits for n, L in layers.items()}, options)
+        return written
 
     def verify(self, folder: Path, written: Written, reference: Source) -> Verified:
         """max |dequant(file) - QuantizedWeight.dequantize()| per layer from the file read back; then onnxruntime

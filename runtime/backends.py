@@ -87,6 +87,8 @@ class LoadOptions:
     context: int = 2048  # the longest sequence the session will see (tokens)
     purpose: str = "eval"  # eval: exact settings (llama.cpp's F32 KV cache); bench: as deployed (its F16 cache)
     accuracy_level: int | None = None  # ort: override MatMulNBits' accuracy_level (0 exact, 4 int8 activations)
+    act: str | None = None  # fakequant: emulate a runtime's activation quantizers (runtime/act.py): llamacpp | ort4
+    act_artifact: Path | str | None = None  # the export whose winq-export.json gives act's per-layer types (or None)
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,15 @@ class Backend:
 def _fakequant(path, opts: LoadOptions) -> Session:
     from winq.checkpoint import load_checkpoint
 
-    return TorchSession(load_checkpoint(path)[0])
+    model = load_checkpoint(path)[0]
+    plan = None
+    if opts.act not in (None, "none"):
+        from .act import emulate
+
+        plan = emulate(model, opts.act, opts.act_artifact)
+    session = TorchSession(model)
+    session.act_plan = plan  # the runtime activation emulation installed (winq.actplan.ActPlan), or None
+    return session
 
 
 def _packed(path, opts: LoadOptions) -> Session:

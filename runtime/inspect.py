@@ -319,7 +319,26 @@ def inspect_checkpoint(path: Path) -> dict:
     totals = _totals(tensors, w.stat().st_size)
     totals["bits_per_weight_note"] = ("nominal deployed cost (codes + float16 scales); the file holds float32 latent "
                                       "weights")
-    return {"format": "checkpoint", "tensors": tensors, "totals": totals, "winq": info, "metadata": {}, "record": None}
+    return {"format": "checkpoint", "tensors": tensors, "totals": totals, "winq": info, "metadata": {}, "record": None,
+            "diagnostics": _diagnostics(path)}
+
+
+def _diagnostics(path: Path) -> dict:
+    """The code-flip diagnostics of the run's metrics.jsonl (winq.diagnostics.summarize_metrics); {} without."""
+    import json
+
+    from winq.diagnostics import summarize_metrics
+
+    log = path / "metrics.jsonl"
+    if not log.is_file():
+        return {}
+    records = []
+    for line in log.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a run killed mid-write leaves a torn last line
+            break
+    return summarize_metrics(records)
 
 
 INSPECTORS = {"gguf": inspect_gguf, "onnx": inspect_onnx, "gptq": inspect_gptq, "checkpoint": inspect_checkpoint}

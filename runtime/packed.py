@@ -103,9 +103,10 @@ def _load_gptq_folder(folder: Path) -> nn.Module:
         lin = model.get_submodule(p)
         K, N = lin.in_features, lin.out_features
         g = group_size_of(t, K, p)
-        zeros = zeros_of(t, read.bits, read.checkpoint_format)[:, :N].to(torch.float32)  # (G, N)
+        bits = read.layer_bits[p] if read.layer_bits else read.bits  # 4-bit containers of `dynamic` layers
+        zeros = zeros_of(t, bits, read.checkpoint_format)[:, :N].to(torch.float32)  # (G, N)
         bias = sd.pop(f"{p}.bias", None)
-        _swap(model, p, PackedLinear(K, N, read.bits, g, t["qweight"], t["scales"], zeros,
+        _swap(model, p, PackedLinear(K, N, bits, g, t["qweight"], t["scales"], zeros,
                                      bias.float() if bias is not None else None))
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
     missing = [k for k in missing if not k.endswith(("qweight", "scales", "zeros", "bias")) and k != "lm_head.weight"]

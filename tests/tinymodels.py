@@ -74,3 +74,76 @@ def default_checkpoint(out: Path, **quant):
     cfg = winq.QuantConfig(**quant)
     ck = save_checkpoint(out, winq.prepare(net, cfg), tok, cfg, None)
     return ck, net, tok
+
+
+# ---------------------------------------------------------------------------------------------
+# the architectures llama.cpp knows beyond llama/qwen2 (GGUF export, issue 14)
+
+MORE_ARCHS = ("qwen3", "gemma3", "phi3", "smollm3")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+TOKENIZER_TEXT_EXTRA = "\nIn 2024, 1,234 people paid $56.78 (about 9%) for it's 'x' -- don't! 1234567 99\n"
+
+
+def make_pre_tokenizer(text: str, pre: str = "gpt-2", vocab_size: int = 400):
+    """A byte-level BPE tokenizer with the pre-tokenizer of a model family: gpt-2 (GPT-2), qwen2 (Qwen2/Qwen3:
+    single digits), llama-bpe (Llama 3 / SmolLM3: digit runs of up to three)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if pre == "gpt-2":
+        pt = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        pat = {"qwen2": QWEN2_REGEX, "llama-bpe": LLAMA3_REGEX}[pre]
+        pt = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pat), behavior="isolated"),
+                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pt
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator((text + TOKENIZER_TEXT_EXTRA).splitlines(), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
+
+
+def make_arch_config(arch: str, vocab_size: int, hidden: int = 256, inter: int = 512, tie: bool = True, **extra):
+    """A tiny config of Qwen3 (head_dim 128 != hidden/heads), Gemma 3 text (6 layers: global every 3rd, not
+    llama.cpp's default 6th; the others sliding with a 16-token window; final soft-capping), Phi-3 (fused
+    qkv / gate_up) or SmolLM3 (4 layers: the 4th without rope); 4 heads, 2 kv heads."""
+    from transformers import Gemma3TextConfig, Phi3Config, Qwen3Config, SmolLM3Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tie,
+                  eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    if arch == "qwen3":
+        return Qwen3Config(**common, num_hidden_layers=2, head_dim=128, **extra)
+    if arch == "gemma3":
+        head_dim = hidden // 4
+        return Gemma3TextConfig(**{**common, "num_hidden_layers": 6, "head_dim": head_dim,
+                                   "query_pre_attn_scalar": head_dim, "sliding_window": 16,
+                                   "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2,
+                                   "final_logit_softcapping": 30.0, **extra})
+    if arch == "phi3":
+        return Phi3Config(**{**common, "num_hidden_layers": 2, "sliding_window": None, **extra})
+    if arch == "smollm3":
+        return SmolLM3Config(**common, num_hidden_layers=4, **extra)
+    raise ValueError(arch)
+
+
+def make_arch_dir(path: Path, arch: str, seed: int = 0, pre: str = "gpt-2", **cfg) -> Path:
+    """Write a tiny seeded model of one of MORE_ARCHS with a byte-level tokenizer (`pre` style); return the folder."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    tok = make_pre_tokenizer(synthetic_text(), pre)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(make_arch_config(arch, len(tok), **cfg), dtype=torch.float32)
+    with torch.no_grad():  # Gemma's norm weights start at 0 (scale 1 + w): give them something to carry
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn(p.shape))
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path

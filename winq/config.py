@@ -56,9 +56,12 @@ class TrainConfig:
     batch_size: int = 2  # sequences per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per optimizer step
     seq_len: int = 256  # tokens per sequence
-    reinit_every: int | str = -1  # WinQ reset period in optimizer steps; -1: a quarter of `steps`; "auto": adaptive
+    # WinQ reset: "auto" (adaptive, winq.schedule; the default: benchmarks/convergence.py found that fixed periods
+    # at short budgets freeze the codes and cost loss), a period in optimizer steps, or -1 for a quarter of `steps`
+    # (the reference's ratio)
+    reinit_every: int | str = "auto"
     reinit_trigger: str = "travel"  # with reinit_every="auto": travel | plateau (winq.schedule)
-    reinit_travel: float = 1.0  # travel trigger: reset when mean |W - W_reset| reaches this many median steps
+    reinit_travel: float = 0.5  # travel trigger: reset when mean |W - W_reset| reaches this many median steps
     reinit_flip: float = 0.1  # plateau trigger: reset when the smoothed flip rate falls to this share of its peak
     reinit_min_steps: int = 10  # adaptive triggers: never sooner than this many steps after the last reset
     reinit_alpha: float = 0.2  # W <- a W + (1 - a) Q(W)
@@ -72,6 +75,8 @@ class TrainConfig:
     eval_batches: int = 8  # held-out batches per periodic eval
     diag_every: int = 1  # code-flip diagnostics (winq.diagnostics) every N steps; 0: off (adaptive resets need them)
     diag_sample: int = 1_000_000  # latent weights sampled for the diagnostics (all of them in smaller models)
+    act_quant: str = "none"  # runtime activation quantizer on every quantized layer's input (straight-through):
+    #                          none | q8_0 | q8_k | ort_int8[:block] (winq.actplan.parse_act_quant)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -107,6 +112,9 @@ class TrainConfig:
             raise ConfigError(f"diag_every={self.diag_every} must be >= 0 and diag_sample={self.diag_sample} >= 1")
         if self.reinit_every == "auto" and self.method == "winq" and self.diag_every != 1:
             raise ConfigError("reinit_every='auto' reads the diagnostics every step: leave diag_every at 1")
+        from .actplan import parse_act_quant
+
+        parse_act_quant(self.act_quant)
 
     @property
     def effective_reinit_every(self) -> int:

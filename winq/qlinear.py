@@ -10,6 +10,8 @@ Forward: W_q = half_ste(s(alpha)) * level(W / alpha) with straight-through round
 W_q equals `quantized_weight().dequantize()` bit for bit when no noise is applied.
 WinQ noise (training only): W + sigma * eps_w and alpha + sigma * eps_a, with eps from the
 model's NoiseSource (winq.noise), refilled at every training forward (reproducible, resumable).
+`act_quant` (None, or a winq.actplan.ActQuant): a runtime's activation quantizer applied to the input
+before either path below, straight-through while training with gradients (winq.actplan installs them).
 
 Two forward paths compute the same W_q bit for bit:
 * training with gradients, fixed-zero grids (lsq, seq, ternary, binary): one autograd Function
@@ -54,6 +56,9 @@ class QuantLinear(nn.Linear):
         self.noise = None  # the NoiseSource whose buffer eps_w / eps_a view
         self.eps_w: torch.Tensor | None = None  # (out, in) standard-normal draws of the current forward
         self.eps_a: torch.Tensor | None = None  # (out, G)
+        # runtime activation emulation (winq.actplan.ActQuant or any callable(x, ste=bool) -> x): applied to the
+        # input of both forward paths, straight-through while training with gradients; None: float inputs
+        self.act_quant = None
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -124,6 +129,8 @@ class QuantLinear(nn.Linear):
         return (s * lev).reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quant is not None:
+            x = self.act_quant(x, ste=self.training and torch.is_grad_enabled())
         if self.training and self.zero_point is None and torch.is_grad_enabled():
             return _FakeQuantLinear.apply(x, self.weight, self.alpha, self.bias, self)
         w = self.fake_weight(noise=self.training)

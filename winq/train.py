@@ -37,6 +37,7 @@ from typing import Callable
 
 import torch
 
+from .actplan import parse_act_quant
 from .checkpoint import is_checkpoint, load_checkpoint, load_trainer_state, read_info, save_checkpoint
 from .config import QuantConfig, TrainConfig
 from .data import PackedBlocks, batch_indices, token_ids
@@ -249,8 +250,10 @@ class _Run:
 
         net.to(self.device)
         layers = quant_layers(net)
+        act = parse_act_quant(tcfg.act_quant)  # --act-quant: a runtime's activation quantizer, straight-through
         for m in layers.values():
             m.noise_sigma = tcfg.effective_noise
+            m.act_quant = act
         self.noise = NoiseSource(net, tcfg.seed + 1, layers) if tcfg.effective_noise > 0 else None
         self.opt = torch.optim.AdamW(_param_groups(net, tcfg), betas=(0.9, 0.95), eps=1e-8)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, tcfg))
@@ -280,8 +283,8 @@ class _Run:
         js = state["json"]
         self.start_step = int(js["step"])
         self.sched.last_epoch = self.start_step  # the lr of the next step, as an uninterrupted run has it
-        for g, lr in zip(self.opt.param_groups, self.sched.get_lr()):
-            g["lr"] = lr
+        for g in self.opt.param_groups:
+            g["lr"] = g["initial_lr"] * lr_factor(self.start_step, self.tcfg)
         if self.noise is not None and "noise" in js:
             self.noise.load_state_dict(js["noise"])
         self.schedule.load_state(js.get("schedule", {}))

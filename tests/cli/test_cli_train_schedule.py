@@ -68,3 +68,19 @@ def test_bad_schedule_options_are_one_clean_error(tiny_llama, text_file, tmp_pat
         err = " ".join(r.stderr.split())
         assert "Traceback" not in r.output and all(n in err for n in needles), (extra, err)
         assert not (tmp_path / "bad").exists()
+
+
+def test_inspect_checkpoint_shows_the_code_diagnostics(tiny_llama, text_file, tmp_path):
+    out = tmp_path / "fixed"
+    r = _train(tiny_llama, text_file, out, "--steps", 6, "--reinit-every", 2, "--no-progress")
+    assert r.exit_code == 0, (r.output, r.exception)
+    r = invoke("inspect", out, "--no-tensors")
+    assert r.exit_code == 0, (r.output, r.exception)
+    line = next(x for x in r.stdout.splitlines() if x.startswith("codes at step"))
+    assert "codes at step 6:" in line and "boundary margin" in line and "resets at 2 (fixed), 4 (fixed)" in line
+    rep = json.loads(invoke("inspect", out, "--no-tensors", "--json").stdout)
+    d = rep["diagnostics"]
+    assert d["logged_steps"] == 6 and [x["step"] for x in d["resets"]] == [2, 4]
+    assert d["mean_flip_rate_after_first_reset"] is not None
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert d["last"]["flip_rate"] == recs[-1]["flip_rate"]

@@ -290,7 +290,7 @@ def test_unsupported_architecture_and_tokenizer_are_refused(tmp_path):
         architectures = ["GPT2LMHeadModel"]
         model_type = "gpt2"
 
-    with pytest.raises(ConfigError, match="supports Llama, Mistral and Qwen2"):
+    with pytest.raises(ConfigError, match="supports Llama, Mistral, Qwen2, Qwen3"):
         arch_of(Cfg())
     with pytest.raises(ConfigError, match="no known llama.cpp name"):
         _pre_tokenizer({"pre_tokenizer": {"type": "Whitespace"}}, "llama")
@@ -305,6 +305,32 @@ def _ppl(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return math.exp(torch.nn.functional.cross_entropy(logits[:-1].double(), ids[1:]).item())
 
 
+def check_llamacpp_matches_fake_quant(ck, gguf_file, threads: int = 2) -> dict:
+    """Run 200 tokens through llama.cpp and the fake-quant model (float tensors as the export stores them)
+    and assert the thresholds below; returns the measured figures."""
+    from tinymodels import synthetic_text
+    from transformers import AutoTokenizer
+
+    from winq.runtime.llamacpp import load_llamacpp
+
+    tok = AutoTokenizer.from_pretrained(str(ck))
+    ids = torch.tensor(tok(synthetic_text(60, seed=5))["input_ids"][:200])
+    net, _ = fake_quant_reference(ck)
+    with torch.no_grad():
+        ref = net(input_ids=ids[None]).logits[0]
+    got = load_llamacpp(gguf_file, threads=threads, n_ctx=256)(ids)
+    assert got.shape == ref.shape
+    top2 = ref.topk(2, dim=-1).values
+    confident = (top2[:, 0] - top2[:, 1]) > 0.1
+    facts = {"max_dlogit": float((got - ref).abs().max()), "ppl_rel": _ppl(got, ids) / _ppl(ref, ids) - 1,
+             "top1": float((got.argmax(-1) == ref.argmax(-1)).float().mean()), "confident": int(confident.sum())}
+    assert facts["max_dlogit"] < 0.1, facts
+    assert abs(facts["ppl_rel"]) < 5e-3, facts
+    assert confident.sum() > 20
+    assert torch.equal(got.argmax(-1)[confident], ref.argmax(-1)[confident])
+    return facts
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_llamacpp_runs_the_export_like_the_fake_quant_model(exports, case):
     """Weights are bit-exact; llama.cpp quantizes activations to 8 bits inside its dot products
@@ -313,25 +339,8 @@ def test_llamacpp_runs_the_export_like_the_fake_quant_model(exports, case):
     we allow 5e-3. Wherever the fake-quant model's top-1 leads its runner-up by more than 0.1
     (4x the largest logit error), llama.cpp must pick the same token."""
     need_llamacpp()
-    from tinymodels import synthetic_text
-    from transformers import AutoTokenizer
-
-    from winq.runtime.llamacpp import load_llamacpp
-
     ck, res = exports[case]
-    tok = AutoTokenizer.from_pretrained(str(ck))
-    ids = torch.tensor(tok(synthetic_text(60, seed=5))["input_ids"][:200])
-    net, _ = fake_quant_reference(ck)
-    with torch.no_grad():
-        ref = net(input_ids=ids[None]).logits[0]
-    got = load_llamacpp(res.out, threads=2, n_ctx=256)(ids)
-    assert got.shape == ref.shape
-    assert (got - ref).abs().max() < 0.1
-    assert abs(_ppl(got, ids) / _ppl(ref, ids) - 1) < 5e-3
-    top2 = ref.topk(2, dim=-1).values
-    confident = (top2[:, 0] - top2[:, 1]) > 0.1
-    assert confident.sum() > 20
-    assert torch.equal(got.argmax(-1)[confident], ref.argmax(-1)[confident])
+    check_llamacpp_matches_fake_quant(ck, res.out)
 
 
 def _tokenizer_dir(tmp_path: Path, kind: str) -> Path:

@@ -217,7 +217,8 @@ def test_refusals_leave_nothing(base128, tmp_path, tiny_llama):
     with pytest.warns(ExportWarning, match="writing checkpoint_format gptq_v2"):
         res = export("gptq", ck, tmp_path / "o2")
     assert json.loads((res.out / "config.json").read_text())["quantization_config"]["checkpoint_format"] == "gptq_v2"
-    # 3-bit codes pack 32 at a time: the tiny 32-wide model's k_proj (out 16) is refused by name
+    # 3-bit codes pack 32 at a time: the tiny 32-wide model's k_proj (out 16) goes into the 4-bit container
+    # (test_wide_layers_*), which --strict refuses by name
     from winq.checkpoint import save_checkpoint
     from winq.models import load_base_model
 
@@ -226,7 +227,7 @@ def test_refusals_leave_nothing(base128, tmp_path, tiny_llama):
     ck3 = save_checkpoint(tmp_path / "ck3", winq.prepare(net, cfg), tok, cfg, None)
     with pytest.raises(ConfigError, match=r"model\.layers\.0\.self_attn\.k_proj: out_features=16 is not a multiple of "
                                           r"32"):
-        export("gptq", ck3, tmp_path / "o3")
+        export("gptq", ck3, tmp_path / "o3", strict=True)
     # a quantized lm_head is outside the decoder blocks GPTQ loaders quantize
     ck = make_checkpoint(base128, tmp_path / "lmh", "lsq", 4, -1, quantize_lm_head=True)
     with pytest.raises(ConfigError, match="outside .*lm_head"):
@@ -454,5 +455,96 @@ def test_default_model_exports_and_loads_exactly(tmp_path, user_cache):
     for n, qw in qws.items():
         assert torch.equal(layers[n].dequantize_weight().T, qw.dequantize()), n
     ids = tok("The quick brown fox jumps over the lazy dog. " * 6, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# layers whose sizes miss the 2/3-bit packing period: the exact 4-bit container, per module (issue 14 item 5)
+
+
+@pytest.mark.parametrize("kind", sorted(k for k in CONTAINERS if container_for(*k).bits < 4))
+def test_wider_container_is_exact(kind):
+    from winq.formats.gptq import fits_shape, wider_container
+
+    grid, bits = kind
+    qw = random_qweight(grid, bits, 40, 96, -1, seed=bits)  # out 40: not a multiple of 32 (3-bit) or 16 (2-bit)
+    assert not fits_shape(40, 96, container_for(grid, bits).bits) and fits_shape(40, 96, 4)
+    wc = wider_container(grid, bits)
+    layer = map_weight("k_proj", qw, wc)
+    assert layer.bits == 4 and torch.equal(layer.dequantize(), qw.dequantize())
+    if grid != "affine":
+        assert int(layer.zero.min()) == int(layer.zero.max()) == 8  # GPTQ's symmetric 4-bit zero
+    t = pack_layer(layer, "gptq_v2")
+    assert torch.equal(unpack_layer(t, 4, "gptq_v2").dequantize(), qw.dequantize())
+
+
+@pytest.fixture(scope="module")
+def qwen2_96(tmp_path_factory) -> Path:
+    """Hidden 96, 4 heads of 24, 2 kv heads: k_proj / v_proj have 48 rows (not a multiple of 32)."""
+    from tinymodels import make_model_dir
+
+    return make_model_dir(tmp_path_factory.mktemp("qwen96") / "qwen2", "qwen2", seed=0, hidden=96, inter=256)
+
+
+@pytest.mark.parametrize("grid,bits,fmt", [("lsq", 3, "gptq"), ("seq", 2, "gptq_v2")])
+def test_wide_layers_load_exactly_in_gptqmodel(qwen2_96, tmp_path, grid, bits, fmt):
+    """lsq3 (3-bit) and seq2 (3-bit container): k/v_proj go into the exact 4-bit container, named in
+    quantization_config.dynamic; gptqmodel's own loader builds them as 4-bit layers and dequantizes them
+    to QuantizedWeight.dequantize() exactly (float32 scales, as winq's gptq backend does)."""
+    ck = make_checkpoint(qwen2_96, tmp_path / "ck", grid, bits, -1)
+    with pytest.warns(ExportWarning, match=r"miss the 3-bit packing period 32 .* exact 4-bit container"):
+        res = export("gptq", ck, tmp_path / "out")
+    m = res.manifest
+    assert m["summary"]["max_abs_err"] == 0.0
+    wide = {n for n in m["info"]["wide_layers"]}
+    assert wide == {f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("k_proj", "v_proj")}
+    assert {t["name"] for t in m["tensors"] if t["container_bits"] == 4} == wide
+    qc = json.loads((res.out / "config.json").read_text())["quantization_config"]
+    assert qc["bits"] == 3 and qc["checkpoint_format"] == fmt
+    assert qc["dynamic"] == {"+:^" + n.replace(".", "\\.") + "$": {"bits": 4} for n in wide}
+    assert json.loads((res.out / "quantize_config.json").read_text())["dynamic"] == qc["dynamic"]
+    if grid == "seq":  # gptqmodel's loader takes asymmetric GPTQ only as v2; v1 asked for is refused
+        with pytest.raises(ConfigError, match="only as gptq_v2"):
+            export("gptq", ck, tmp_path / "v1", checkpoint_format="gptq")
+    else:  # --strict takes no wider containers
+        with pytest.raises(ConfigError, match="out_features=48 is not a multiple of 32"):
+            export("gptq", ck, tmp_path / "strict", strict=True)
+
+    need_gptqmodel()
+    from gptqmodel import BACKEND, GPTQModel
+
+    from winq.checkpoint import load_checkpoint
+    from winq.runtime.gptq import make_exact
+
+    model = GPTQModel.load(str(res.out), backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)  # torch: f16/bf16
+    assert make_exact(model.model) == 14
+    mods = dict(model.model.named_modules())
+    qws = winq.quantized_weights(load_checkpoint(ck)[0])
+    for n, qw in qws.items():
+        assert mods[n].bits == (4 if n in wide else 3), n
+        assert torch.equal(mods[n].dequantize_weight().T.float(), qw.dequantize()), n
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3", "phi3", "smollm3"])
+def test_consumer_loads_the_newer_architectures(tmp_path, arch):
+    """Qwen3 (q/k norms), Gemma 3 text, Phi-3 (fused qkv_proj / gate_up_proj, one GPTQ layer each) and SmolLM3
+    load in transformers + gptqmodel and match the fake-quant model (GGUF coverage: test_gguf_archs.py)."""
+    need_gptqmodel()
+    from tinymodels import make_arch_dir
+
+    from winq.runtime.gptq import gptq_layers, load_gptq
+
+    base = make_arch_dir(tmp_path / arch, arch, seed=1)
+    ck = make_checkpoint(base, tmp_path / "ck", "lsq", 4, -1)
+    res = export("gptq", ck, tmp_path / "gptq")
+    assert res.manifest["summary"]["max_abs_err"] == 0.0
+    model = load_gptq(res.out)
+    ref, qws = fake_quant_reference(ck)
+    layers = gptq_layers(model)
+    assert set(layers) == set(qws)
+    for n, qw in qws.items():
+        assert torch.equal(layers[n].dequantize_weight().T, qw.dequantize()), n
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5, rtol=0)

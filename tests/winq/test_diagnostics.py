@@ -316,3 +316,17 @@ def test_qat_logs_diagnostics_but_never_resets(tiny_llama, text_file, tmp_path):
     recs = [r for r in res.records if "loss" in r]
     assert not any(r["reset"] for r in recs) and all("flip_rate" in r for r in recs)
     assert any(r["flips_since_reset"] > 0 for r in recs)  # at lr 3e-3 some codes move
+
+
+def test_travel_trigger_that_never_fires_is_exactly_noise_only(tiny_llama, text_file, tmp_path):
+    """What benchmarks/convergence.py relies on to skip a run: winq with --reinit-every auto whose travel never
+    reaches T trains bit for bit like winq without resets (noise only)."""
+    common = dict(method="winq", steps=6, lr=3e-3, seq_len=16, batch_size=2, seed=4)
+    a = train(str(tiny_llama), str(text_file), QuantConfig(bits=2), TrainConfig(**common, reinit_every=6),
+              tmp_path / "noise", progress=False)
+    b = train(str(tiny_llama), str(text_file), QuantConfig(bits=2),
+              TrainConfig(**common, reinit_every="auto", reinit_travel=100.0, reinit_min_steps=1), tmp_path / "auto",
+              progress=False)
+    assert not any(r["reset"] for r in a.records + b.records)
+    assert [r["loss"] for r in a.records] == [r["loss"] for r in b.records]
+    assert [r["travel"] for r in a.records] == [r["travel"] for r in b.records]

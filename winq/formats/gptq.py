@@ -26,18 +26,23 @@ are integers, so a half-integer zero is doubled):
 | binary   | 1    | 2         | 2, 0 | 1         | s/2  |  container
 
 In and out must be multiples of the packing period of the file bits (32 for 3-bit, 16 for 2-bit,
-8 for 4-bit, 4 for 8-bit): GPTQ packs whole int32 words along both.
+8 for 4-bit, 4 for 8-bit): GPTQ packs whole int32 words along both. A 2- or 3-bit layer whose sizes
+miss that period but are multiples of 8 goes into the exact 4-bit container (`wider_container`: the
+same codes shifted so that a fixed zero becomes 8, s' unchanged), named to gptqmodel through its
+per-module `dynamic` config (`dynamic_entry`; `layer_bits` reads it back).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from winq.errors import ConfigError, FormatError
+from winq.grids import GridSpec
 from winq.packing import pack, period, unpack
 from winq.qweight import QuantizedWeight
 
@@ -98,9 +103,45 @@ def check_shape(name: str, out: int, inf: int, bits: int) -> None:
         )
 
 
-def map_weight(name: str, qw: QuantizedWeight) -> GPTQLayer:
-    """The exact GPTQ form of one QuantizedWeight; ConfigError / FormatError if it has none."""
-    c = container_for(qw.grid, qw.bits)
+WIDE_BITS = 4  # the container for 2/3-bit layers whose sizes miss their packing period
+
+
+def fits_shape(out: int, inf: int, bits: int) -> bool:
+    return out % period(bits) == 0 and inf % period(bits) == 0
+
+
+def wider_container(grid: str, bits: int) -> Container | None:
+    """The exact 4-bit container of a grid stored in 2 or 3 bits (None when it is stored wider already):
+    the same q' = m q + a with a raised so that a fixed zero lands on 8 (GPTQ's symmetric 4-bit zero)."""
+    c = container_for(grid, bits)
+    if c.bits >= WIDE_BITS:
+        return None
+    z = GridSpec(grid, bits).fixed_zero
+    add = c.add if z is None else c.add + 2 ** (WIDE_BITS - 1) - int(c.mul * z + c.add)
+    return Container(WIDE_BITS, mul=c.mul, add=add)
+
+
+def dynamic_entry(name: str, bits: int) -> tuple[str, dict]:
+    """gptqmodel's per-module override for one layer: a positive regex matching exactly that module."""
+    return "+:^" + re.escape(name) + "$", {"bits": bits}
+
+
+def layer_bits(config: dict, name: str) -> int:
+    """The bits of one module under a quantization_config, honouring gptqmodel's `dynamic` overrides
+    ("+:regex" or "regex" override fields, first match wins; "-:regex" leaves the module unquantized)."""
+    for key, over in (config.get("dynamic") or {}).items():
+        neg, pat = key.startswith("-:"), key[2:] if key[:2] in ("+:", "-:") else key
+        if re.match(pat, name):
+            if neg:
+                raise FormatError(f"{name}: quantization_config.dynamic leaves it unquantized ({key})")
+            return int(over.get("bits", config["bits"]))
+    return int(config["bits"])
+
+
+def map_weight(name: str, qw: QuantizedWeight, container: Container | None = None) -> GPTQLayer:
+    """The exact GPTQ form of one QuantizedWeight (in `container`, default the grid's own); ConfigError /
+    FormatError if it has none."""
+    c = container or container_for(qw.grid, qw.bits)
     check_shape(name, *qw.shape, c.bits)
     r = c.remap(qw, name, scale_dtype=torch.float16)
     return GPTQLayer(codes=r.codes.to(torch.uint8), zero=r.zero.to(torch.int64), scale=r.scale, bits=c.bits,
@@ -184,6 +225,7 @@ class GPTQFolder:
     checkpoint_format: str  # gptq (v1) | gptq_v2
     layers: dict[str, dict[str, torch.Tensor]]  # module name -> {qweight, qzeros, scales[, g_idx]}
     others: dict[str, torch.Tensor]  # every other tensor (embeddings, norms, biases, lm_head)
+    layer_bits: dict[str, int] | None = None  # per module: `bits`, or its `dynamic` override (4-bit containers)
 
 
 def read_folder(folder) -> GPTQFolder:
@@ -206,4 +248,4 @@ def read_folder(folder) -> GPTQFolder:
             raise FormatError(f"{folder}: {n} has a qweight but no {', '.join(missing)}")
         layers[n] = {s: sd.pop(f"{n}.{s}") for s in QUANT_SUFFIXES if f"{n}.{s}" in sd}
     return GPTQFolder(config=qc, bits=int(qc["bits"]), checkpoint_format=qc.get("checkpoint_format", "gptq"),
-                      layers=layers, others=sd)
+                      layers=layers, others=sd, layer_bits={n: layer_bits(qc, n) for n in layers})
