@@ -279,7 +279,7 @@ def test_train_with_act_quant_is_recorded_and_applied(tiny_llama, text_file, tmp
         return orig(self, x)
 
     monkeypatch.setattr(QuantLinear, "forward", spy)
-    tcfg = winq.TrainConfig(steps=2, seq_len=16, batch_size=1, act_quant="q8_0", diag_every=0)
+    tcfg = winq.TrainConfig(steps=2, seq_len=16, batch_size=1, act_quant="q8_0", diag_every=0, reinit_every=-1)
     res = train(str(tiny_llama), str(text_file), winq.QuantConfig(bits=4), tcfg, tmp_path / "run", progress=False)
     assert res.final_loss is not None and res.final_loss == res.final_loss
     assert seen and all(a == ActQuant("q8_0") and tr and g for a, tr, g in seen)
