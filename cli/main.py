@@ -134,7 +134,9 @@ def train(
             "--act-quant",
             help="train on a runtime's 8-bit activations (straight-through gradient): none (default) | q8_0 "
             "(llama.cpp Q4_0/Q8_0) | q8_k (llama.cpp K/TQ types) | ort_int8[:block] (onnxruntime accuracy level 4, "
-            "block 32 by default); recorded in winq.json, checked by the exporters",
+            "block 32 by default) | llamacpp (per layer, the scheme of the GGUF type `winq export --format gguf` "
+            "picks for it: e.g. q8_0 for Q4_0 containers, q8_k for Q2_K); recorded in winq.json, checked by the "
+            "exporters",
         ),
     ] = "none",
     out: Annotated[Path, typer.Option(help="checkpoint folder to write")] = Path("runs/winq"),
@@ -159,6 +161,8 @@ def train(
     from winq.train import train as run_train
 
     def go():
+        import winq.runtime.act  # noqa: F401  (registers --act-quant llamacpp's per-layer resolver)
+
         qcfg = QuantConfig(bits=bits, grid=grid, group_size=group_size, quantize_lm_head=quantize_lm_head)
         try:
             every = reinit_every if reinit_every == "auto" else int(reinit_every)
@@ -359,15 +363,20 @@ def _format_options() -> tuple[list, dict[str, tuple[str, list[str]]]]:
 
     from winq.exporters import exporter_class, formats
 
-    params, owners = [], {}
+    params, owners, by_name = [], {}, {}
     for fmt in formats():
         opts = exporter_class(fmt).Options
         hints = typing.get_type_hints(opts)
         for f in dataclasses.fields(opts):
             flag = "--" + f.name.replace("_", "-")
-            if f.name in owners:
+            if f.name in owners:  # a flag several formats share: one flag, each format's help
                 owners[f.name][1].append(fmt)
+                i = by_name[f.name]
+                ann = params[i].annotation
+                opt_info = typing.get_args(ann)[1]
+                opt_info.help = f"{opt_info.help}; {fmt}: {f.metadata.get('help', '')}"
                 continue
+            by_name[f.name] = len(params)
             owners[f.name] = (flag, [fmt])
             base = next(t for t in (bool, int, float, str) if t == hints[f.name] or t in typing.get_args(hints[f.name]))
             decl = f"{flag}/--no-{flag[2:]}" if base is bool else flag

@@ -20,6 +20,7 @@ from rich.table import Table
 from winq.cli.main import DataOpt, JsonOpt, ModelOpt, _run, app, backend_help, err, out
 
 KERNELS_MODULE = "winq.benchmarks.kernels"  # benchmarks/kernels.py, installed with winq (pyproject's package-dir)
+EDGE_MODULE = "winq.benchmarks.edge"  # benchmarks/edge.py: `winq bench --shape`
 
 
 def _mb(b) -> str:
@@ -52,6 +53,27 @@ def run_kernels(args: str) -> int:
     return subprocess.run([sys.executable, "-m", KERNELS_MODULE, *argv]).returncode
 
 
+def run_shape(shape: str, types: str, threads: Optional[int], prefill: str, gen_tokens: int, repeats: int,
+              out_json: Path) -> int:
+    """`winq bench --shape`: benchmarks/edge.py (installed as winq.benchmarks.edge) in this process."""
+    import importlib.util
+
+    from winq.errors import ConfigError
+
+    if importlib.util.find_spec(EDGE_MODULE) is None:
+        raise ConfigError(f"{EDGE_MODULE} (benchmarks/edge.py) is not installed: reinstall winq (pip install -e .)")
+    import importlib
+
+    edge = importlib.import_module(EDGE_MODULE)
+    try:
+        lengths = [int(x) for x in prefill.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--prefill {prefill!r}: give prompt lengths such as 128,512") from None
+    edge.run_edge(shape, types, [threads] if threads else [1, 2], prefill=lengths, gen_tokens=gen_tokens,
+                  repeats=repeats, out=out_json, say=lambda m: err.print(m, highlight=False, markup=False))
+    return 0
+
+
 @app.command("bench")
 def bench_cmd(
     backend: Annotated[str, typer.Option(help=backend_help())] = "fakequant,packed",
@@ -75,8 +97,18 @@ def bench_cmd(
     baseline: Annotated[bool, typer.Option(
         "--baseline/--no-baseline", help="also run the float baselines: fp (torch backends), an F16 GGUF (llamacpp), "
                                          "an fp32 ONNX (ort)")] = True,
-    out_json: Annotated[Path, typer.Option(
-        "--out", help="JSON to write; the bar chart goes beside it (.png)")] = Path("results/bench.json"),
+    out_json: Annotated[Optional[Path], typer.Option(
+        "--out", help="JSON to write; the chart goes beside it (.png). Default results/bench.json "
+                      "(results/edge.json with --shape, which merges into it)")] = None,
+    shape: Annotated[Optional[str], typer.Option(
+        "--shape", help="edge latency at a real model shape (random seeded weights): a shipped shape (llama-3.2-1b, "
+                        "qwen3-0.6b, llama-100m) or a Hugging Face config.json; builds and exports the model, "
+                        "then times every --types against its float baseline (benchmarks/edge.py)")] = None,
+    types: Annotated[str, typer.Option(
+        "--types", help="with --shape: comma-separated GGUF/ONNX rows (f16, q2_k, tq2_0, tq1_0, q3_k, q4_0, q8_0, "
+                        "q4_0-head, ort-fp32, ort-2bit, ort-4bit, ort-8bit) or all")] = "all",
+    prefill: Annotated[str, typer.Option(
+        "--prefill", help="with --shape: prefill lengths, comma-separated; decode follows the first")] = "128,512",
     kernels: Annotated[bool, typer.Option(
         "--kernels", help="run benchmarks/kernels.py (Triton unpack-GEMM vs float16, needs CUDA) instead")] = False,
     kernel_args: Annotated[str, typer.Option(
@@ -87,6 +119,10 @@ def bench_cmd(
     (one warm-up run, then the median of --repeats); writes --out and a bar chart beside it."""
     if kernels:
         raise typer.Exit(_run(run_kernels, kernel_args))
+    if shape is not None:
+        raise typer.Exit(_run(run_shape, shape, types, threads, prefill, gen_tokens, repeats,
+                              out_json or Path("results/edge.json")))
+    out_json = out_json or Path("results/bench.json")
 
     from winq.exporters import write_float
     from winq.runtime.bench import BenchSpec, run_bench

@@ -11,6 +11,7 @@ A format is an `Exporter` subclass registered under its name (`@register("gptq")
                                              are the format's options and generate the CLI flags
     write(folder, source, options)  -> Written    the files, one record per tensor, notes, `layout`
                                                   (what verify must find in the file)
+    check(source, options)          optional: refuse what write() cannot do, before anything is made
     verify(folder, written, reference) -> Verified   {tensor: max |dequant(file) - reference|}, read back
                                                   from the written files, plus the checks it ran
 
@@ -92,6 +93,8 @@ class Written:
     notes: list[str] = field(default_factory=list)  # warnings (containers, switched formats)
     info: dict = field(default_factory=dict)  # format-specific facts for the manifest
     layout: dict = field(default_factory=dict)  # format-specific: where verify finds each quantized tensor
+    kept: dict = field(default_factory=dict)  # format-specific: float tensors verify reads back (post-training)
+    options: object = None  # the options write() was given (verify reads them; not part of the record)
 
 
 @dataclass
@@ -118,6 +121,9 @@ class Exporter(ABC):
             raise ConfigError(f"{self.name} export: unknown option {', '.join(unknown)}; options are "
                               f"{', '.join(names)}")
         return self.Options(**opts)
+
+    def check(self, source: Source, options) -> None:
+        """Refuse (ConfigError) what write() could not do with this checkpoint, before any file or folder is made."""
 
     @abstractmethod
     def write(self, folder: Path, source: Source, options) -> Written:
@@ -274,6 +280,7 @@ def export(fmt: str, checkpoint, out, overwrite: bool = False, model=None, **opt
     else:
         _check_folder_out(out, overwrite)
     source = load_source(checkpoint, model)
+    exporter.check(source, options)
     if single:
         with temp_dir(out) as tmp:
             record = _write_verified(exporter, tmp, source, options, out)

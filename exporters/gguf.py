@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from winq.errors import ConfigError
 from winq.formats import gguf as G
 from winq.formats.manifest import FloatRecord, TensorRecord
 
-from . import Exporter, Source, Verified, Written, float_tensors, option, register
+from . import Exporter, Source, Verified, Written, float_tensors, option, ptq, register
 from .gguf_meta import SUPPORTED, add_hparams, add_tokenizer, arch_spec, config_value
 
 FILE = "model.gguf"
@@ -37,13 +38,18 @@ TYPES = ("auto", *G.ORDER)  # what --type accepts
 @dataclass(frozen=True)
 class GGUFOptions:
     type: str = option("auto", "auto (tightest exact type, default) | " + " | ".join(TYPES[1:]))
-    keep: str = option("f16", "embeddings and lm_head left in float: f16 (default) | f32 | q8_0 (norms stay f32)")
+    keep: str = option("f16", "float embeddings and float lm_head: f16 (default) | f32 | q8_0 | q6_k (post-training "
+                              "round-to-nearest, not exact: its perplexity cost is measured; norms stay f32)")
+    keep_eval_tokens: int = option(-1, "tokens of held-out text to measure the perplexity cost of --keep on: -1 auto "
+                                       "(4096 for q8_0/q6_k, none for f16/f32), 0 off")
+    keep_eval_data: str = option("ptb", "held-out data of that measurement (its test split): ptb | sotu | PATH")
 
     def __post_init__(self):
         if self.type not in TYPES:
             raise ConfigError(f"unknown GGUF type {self.type!r}: choose one of {', '.join(TYPES)}")
         if self.keep not in G.KEEP:
             raise ConfigError(f"--keep {self.keep!r} is not supported: choose one of {', '.join(G.KEEP)}")
+        ptq.eval_tokens(self.keep_eval_tokens, True)  # validates
 
 
 @functools.lru_cache(maxsize=8)
@@ -103,10 +109,15 @@ def write_gguf(path: Path, model, qws: dict, tokenizer, folder: Path, opt: GGUFO
     floats = float_tensors(model, qws)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     quant_names = {f"{n}.weight": n for n in qws}
-    records, frecs, notes, layout = [], [], [], {}
+    records, frecs, notes, layout, kept = [], [], [], {}, {}
     keys = list(floats) + [k for k in quant_names if k not in floats]
     if tied and "lm_head.weight" in floats and "lm_head.weight" not in quant_names:
         keys.remove("lm_head.weight")  # llama.cpp reuses token_embd when `output` is absent
+    for key in keys:  # a --keep that cannot store some tensor is refused before anything is written
+        if key not in quant_names and "rotary_emb" not in key:
+            G.check_keep(key, floats[key].shape, opt.keep)
+        elif float_weights:
+            G.check_keep(key, qws[quant_names[key]].shape, opt.keep)
     for key in sorted(keys, key=_order):
         gname = gguf_name(key, arch, n_blocks)
         if gname is None:
@@ -144,9 +155,12 @@ def write_gguf(path: Path, model, qws: dict, tokenizer, folder: Path, opt: GGUFO
             arr, raw, dt, err = G.encode_float(key, t, opt.keep)
             w.add_tensor(gname, arr, raw_dtype=raw)
             frecs.append(FloatRecord(name=gname, dtype=dt, shape=tuple(t.shape), max_abs_err=err))
+            if G.is_kept_float(key, t.dim()) and not heads:  # embeddings, a float lm_head: read back by verify
+                kept[gname] = (key, dt, tuple(t.shape))
     notes.extend(hp.pop("notes", []))
     if tied and "lm_head.weight" in quant_names:
-        notes.append("the quantized lm_head is written as its own `output` tensor; token_embd stays float")
+        notes.append("the quantized lm_head is written as its own `output` tensor; token_embd stays float (training "
+                     "unties them: the embedding is trained as a float table, so the two hold different values)")
     types = [t for _, t, _ in layout.values()]
     w.add_file_type(G.file_type(types, opt.keep))
     w.write_header_to_file()
@@ -155,7 +169,7 @@ def write_gguf(path: Path, model, qws: dict, tokenizer, folder: Path, opt: GGUFO
     w.close()
     info = {"file": path.name, "type": opt.type, "keep": opt.keep, **hp, **tk,
             "types": sorted({t.upper() for t in types})}
-    return Written(tensors=records, floats=frecs, notes=notes, info=info, layout=layout)
+    return Written(tensors=records, floats=frecs, notes=notes, info=info, layout=layout, kept=kept)
 
 
 def check_act_quant(written: Written, source: Source, types: dict[str, str]) -> None:
@@ -182,11 +196,18 @@ class GGUFExporter(Exporter):
     Options = GGUFOptions
     single_file = FILE  # export() moves this file to --out and writes winq-export.json beside it
 
+    def check(self, source: Source, options: GGUFOptions) -> None:
+        """--keep must fit every float tensor it would store (write() checks the same, tensor by tensor)."""
+        for key, t in float_tensors(source.model, source.qweights).items():
+            if "rotary_emb" not in key:
+                G.check_keep(key, t.shape, options.keep)
+
     def write(self, folder: Path, source: Source, options: GGUFOptions) -> Written:
         meta = {"options": {"type": options.type, "keep": options.keep}, "checkpoint": str(source.checkpoint),
                 "winq": source.info}
         written = write_gguf(Path(folder) / FILE, source.model, source.qweights, source.tokenizer,
                              source.checkpoint, options, meta=meta)
+        written.options = options
         check_act_quant(written, source, {mod: t for mod, t, _ in written.layout.values()})
         return written
 
@@ -199,7 +220,39 @@ class GGUFExporter(Exporter):
             ref = (G.permute_qw(qw, heads) if heads else qw).dequantize().numpy()
             got = G.read_quantized(tensors, gname, t, ref.shape)
             errors[mod] = float(np.abs(got - ref).max()) if np.isfinite(got).all() else float("inf")
-        return Verified(errors)
+        checks = {}
+        if all(e == 0.0 for e in errors.values()):
+            checks = self._post_training(tensors, written, reference)
+        return Verified(errors, checks=checks)
+
+    @staticmethod
+    def _post_training(tensors: dict, written: Written, reference: Source) -> dict:
+        """info["post_training"] for float tensors kept in a quantized (or, when asked, any) --keep type: their
+        values read back from the file, the perplexity cost of using them; {} when nothing is to record."""
+        opt = written.options
+        keep = opt.keep
+        lossy = keep in G.KEEP_QUANT
+        n_tokens = ptq.eval_tokens(opt.keep_eval_tokens, lossy)
+        if keep == "f32" or (not lossy and n_tokens == 0) or not written.kept:
+            return {}
+        replaced, recs = {}, []
+        for gname, (key, dt, shape) in written.kept.items():
+            data = np.asarray(tensors[gname].data)
+            vals = G.decode_float(data, dt, shape) if dt in G.KEEP_QUANT else data.astype(np.float32).reshape(shape)
+            ref = reference.model.get_parameter(key).detach().float()
+            replaced[key] = torch.from_numpy(np.ascontiguousarray(vals))
+            recs.append({"name": gname, "source": key, "stored_as": dt.upper(),
+                         "max_abs_err": float((replaced[key] - ref).abs().max())})
+        what = f"--keep {keep} (" + ", ".join(r["name"] for r in recs) + ")"
+        method = ("gguf-py's Q8_0 quantizer (d = max|x| / 127 per 32)" if keep == "q8_0" else
+                  "winq's Q6_K round-to-nearest (int8 scale per 16, float16 d per 256)" if keep == "q6_k" else
+                  "float16 rounding")
+        cost = None
+        if n_tokens:
+            cost = ptq.measure(reference.model, reference.tokenizer, replaced, n_tokens, opt.keep_eval_data, what)
+        rec = ptq.record(method, recs, cost, None if cost else "keep_eval_tokens 0")
+        written.notes.append(ptq.note(what, rec))
+        return {"post_training": rec}
 
     @classmethod
     def write_float(cls, src: Path, out: Path, keep: str = "f16") -> None:

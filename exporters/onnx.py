@@ -27,11 +27,13 @@ import torch
 from winq.errors import ConfigError, ModelError
 from winq.formats import onnx as F
 from winq.formats.manifest import FloatRecord, TensorRecord
+from winq.qweight import QuantizedWeight
 
-from . import Exporter, ExportError, Source, Verified, Written, copy_side_files, option, register
-from .onnx_graph import OPSET, WRAPPED, export_float, replace_matmuls, traced
+from . import Exporter, ExportError, Source, Verified, Written, copy_side_files, option, ptq, register
+from .onnx_graph import OPSET, WRAPPED, export_float, gather_quantized, replace_matmuls, traced
 
 TWO_BIT = ("container", "float-zp")
+KEEP_HEAD = ("float", "int8", "int4")  # a float lm_head as it is, or post-training round-to-nearest MatMulNBits
 GENAI_CONFIG = "genai_config.json"
 VERIFY_ATOL = 1e-4  # max |ORT logits - fake-quant logits| (relative to max(1, max |logits|)) accepted by verify
 
@@ -43,6 +45,12 @@ class ONNXOptions:
     accuracy_level: int = option(0, "0 exact float activations (default) | 4 int8 activations (faster)")
     two_bit: str = option("container", "seq 2-bit as container (4-bit, default) | float-zp (2-bit, float zero point "
                                        "1.5; slow path in ORT)")
+    keep_head: str = option("float", "a float lm_head: float (float32, default) | int8 | int4: MatMulNBits by "
+                                     "post-training round-to-nearest per block, not exact (its perplexity cost is "
+                                     "measured); a tied embedding then reads the same bytes (GatherBlockQuantized)")
+    keep_eval_tokens: int = option(-1, "tokens of held-out text to measure the perplexity cost of --keep-head on: "
+                                       "-1 auto (4096 for int8/int4), 0 off")
+    keep_eval_data: str = option("ptb", "held-out data of that measurement (its test split): ptb | sotu | PATH")
 
     def __post_init__(self):
         if isinstance(self.block_size, bool) or not isinstance(self.block_size,
@@ -57,6 +65,9 @@ class ONNXOptions:
             raise ConfigError(f"two_bit={self.two_bit!r}: choose container (exact 4-bit codes) or float-zp (2-bit "
                               "codes, "
                               f"float zero point 1.5, slow in onnxruntime)")
+        if self.keep_head not in KEEP_HEAD:
+            raise ConfigError(f"--keep-head {self.keep_head!r} is not supported: choose one of {', '.join(KEEP_HEAD)}")
+        ptq.eval_tokens(self.keep_eval_tokens, True)  # validates
 
 
 def check_ids(vocab_size: int, n: int = 16) -> torch.Tensor:
@@ -132,11 +143,57 @@ def check_act_quant(written: Written, source: Source, bits: dict[str, int], opti
         written.notes.append(warning)
 
 
+def rtn_head(weight: torch.Tensor, bits: int, block_size: int) -> QuantizedWeight:
+    """Post-training round-to-nearest of a float (out, in) weight as a symmetric `bits`-bit QuantizedWeight with
+    one float16 scale per block: s = max |w| / (2^(bits-1) - 1), q = clamp(round(w / s)) + 2^(bits-1). Not
+    exact (the weight was never trained in this grid); written through the same MatMulNBits path as trained
+    layers, so the file holds exactly these values."""
+    w = weight.detach().float()
+    out, k = w.shape
+    qmax, z = 2 ** (bits - 1) - 1, 2 ** (bits - 1)
+    g = w.reshape(out, k // block_size, block_size)
+    s = (g.abs().amax(dim=2) / qmax).clamp_min(2.0**-24).to(torch.float16)  # (out, kb), never 0
+    s32 = s.to(torch.float32)
+    q = torch.clamp(torch.round(g / s32[..., None]), -z, qmax) + z
+    zero = torch.full(s.shape, float(z))
+    return QuantizedWeight(q.reshape(out, k).to(torch.uint8), s, zero, "lsq", bits, block_size)
+
+
+def module_name(model, module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def head_plan(source: Source, options: ONNXOptions) -> tuple[str, QuantizedWeight | None, bool]:
+    """(the head's module name, its --keep-head QuantizedWeight or None, whether the embedding is tied to it);
+    ConfigError for a checkpoint or width it cannot apply to."""
+    model = source.model
+    head = model.get_output_embeddings()
+    name = module_name(model, head) if head is not None else "lm_head"
+    if options.keep_head == "float":
+        return name, None, False
+    if name in source.qweights:
+        raise ConfigError(f"--keep-head {options.keep_head} quantizes a float lm_head after training, but this "
+                          f"checkpoint's lm_head was trained quantized (--quantize-lm-head) and is exported exactly as "
+                          f"MatMulNBits: leave --keep-head float")
+    if head is None or not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        raise ConfigError(f"--keep-head {options.keep_head}: this model has no bias-free nn.Linear lm_head")
+    k = head.in_features
+    if k % options.block_size:
+        ok = [str(b) for b in F.BLOCK_SIZES if k % b == 0]
+        raise ConfigError(f"--keep-head {options.keep_head} needs hidden size {k} to be a multiple of block_size="
+                          f"{options.block_size}: choose block_size one of {', '.join(ok) or '(none: keep float)'}")
+    tied = head.weight is model.get_input_embeddings().weight
+    return name, rtn_head(head.weight, 8 if options.keep_head == "int8" else 4, options.block_size), tied
+
+
 @register("onnx")
 class ONNXExporter(Exporter):
     """`winq export --format onnx`: see the module docstring."""
 
     Options = ONNXOptions
+
+    def check(self, source: Source, options: ONNXOptions) -> None:
+        head_plan(source, options)  # --keep-head on a quantized head or a hidden size the block does not divide
 
     def write(self, folder: Path, source: Source, options: ONNXOptions) -> Written:
         import winq
@@ -146,6 +203,9 @@ class ONNXExporter(Exporter):
         qws = source.qweights
         # map every layer first: a refusal costs no trace and leaves nothing half-written
         layers = {n: F.map_weight(n, qw, options.block_size, options.two_bit) for n, qw in qws.items()}
+        hname, head, tied = head_plan(source, options)
+        if head is not None:
+            layers[hname] = F.map_weight(hname, head, options.block_size)
         kinds = sorted({(qw.grid, qw.bits) for qw in qws.values()})
         records = []
         for n, qw in qws.items():
@@ -159,8 +219,11 @@ class ONNXExporter(Exporter):
         containers = {f"{g}{b}": F.describe(F.container_for(g, b, options.two_bit), g, b) for g, b in kinds}
         meta = {"format": "onnx", "winq_version": winq.__version__, "options": asdict(options),
                 "quant": source.info.get("quant"), "containers": containers}
-        m = traced(source.model, folder / ".trace", qws)
+        m = traced(source.model, folder / ".trace", {**qws, hname: head} if head is not None else qws)
         replace_matmuls(m, layers, options.accuracy_level)
+        if head is not None and tied:  # the embedding reads the head's bytes: one table in the file
+            embed = module_name(source.model, source.model.get_input_embeddings())
+            gather_quantized(m, f"{WRAPPED}.{embed}.weight", hname, layers[hname])
         m.producer_name = "winq"
         m.producer_version = winq.__version__
         F.set_metadata(m, meta)
@@ -180,8 +243,19 @@ class ONNXExporter(Exporter):
             "genai_config": GENAI_CONFIG,
             "containers": containers,
         }
-        written = Written(tensors=records, floats=floats, notes=_notes(kinds, options.two_bit), info=info)
-        check_act_quant(written, source, {n: L.bits for n, L in layers.items()}, options)
+        written = Written(tensors=records, floats=floats, notes=_notes(kinds, options.two_bit), info=info,
+                          options=options)
+        if head is not None:
+            written.kept = {"head": head, "tied": tied, "name": hname}
+            L = layers[hname]
+            written.floats.append(FloatRecord(
+                name=hname, dtype=f"{options.keep_head} MatMulNBits, block {options.block_size} (post-training)",
+                shape=tuple(head.shape), max_abs_err=float(
+                    (head.dequantize() - source.model.get_output_embeddings().weight.detach().float()).abs().max())))
+            info["keep_head"] = {"type": options.keep_head, "bytes": L.nbytes,
+                                 "bits_per_weight": round(8 * L.nbytes / (head.shape[0] * head.shape[1]), 4),
+                                 "embedding": "GatherBlockQuantized on the same bytes" if tied else "float32"}
+        check_act_quant(written, source, {n: L.bits for n, L in layers.items() if n in qws}, options)
         return written
 
     def verify(self, folder: Path, written: Written, reference: Source) -> Verified:
@@ -194,6 +268,14 @@ class ONNXExporter(Exporter):
         if missing:
             raise ExportError(f"{F.MODEL_FILE} has no MatMulNBits for {len(missing)} quantized layers (first: "
                               f"{missing[0]})")
+        head, hname = written.kept.get("head"), written.kept.get("name")
+        checks = {}
+        if head is not None:  # the post-training head: the file must hold exactly the rounded values
+            L = layers.get(hname)
+            err = math.inf if L is None or (L.N, L.K) != tuple(head.shape) else float(
+                (L.dequantize() - head.dequantize()).abs().max())
+            if err != 0.0:
+                raise ExportError(f"the --keep-head MatMulNBits does not read back as written (max abs error {err:g})")
         errors = {}
         for n, qw in qws.items():
             L, a = layers[n], attrs[n]
@@ -205,7 +287,10 @@ class ONNXExporter(Exporter):
         if any(e != 0.0 for e in errors.values()):
             return Verified(errors)  # export() names the first layer that differs
         ids = check_ids(reference.model.config.vocab_size)
-        with torch.no_grad():
+        replaced = {}
+        if head is not None:
+            replaced = {f"{hname}.weight": head.dequantize()}
+        with torch.no_grad(), ptq.swapped(reference.model, replaced):
             want = reference.model(input_ids=ids[None]).logits[0].float()
         got = torch.from_numpy(F.OrtDecoder(folder, accuracy_level=0).decode(ids, n_prefill=len(ids) - 3))  # + 3 steps
         diff = float((got - want).abs().max())
@@ -217,7 +302,33 @@ class ONNXExporter(Exporter):
                 f"onnxruntime's logits differ from the fake-quant model's by {diff:.3g} (tolerance {tol:.3g}) although "
                 f"every weight reads back exactly: the traced graph does not compute the model"
             )
-        return Verified(errors, checks={"ort_check": check})
+        checks["ort_check"] = check
+        if head is not None:
+            checks["post_training"] = self._head_cost(written, reference, replaced)
+        return Verified(errors, checks=checks)
+
+    @staticmethod
+    def _head_cost(written: Written, reference: Source, replaced: dict) -> dict:
+        opt = written.options
+        tied = written.kept["tied"]
+        (key, vals), = replaced.items()
+        ref = reference.model.get_parameter(key).detach().float()
+        hname = written.kept["name"]
+        what = f"--keep-head {opt.keep_head} ({hname}" + (" and the tied embedding" if tied else "") + ")"
+        n_tokens = ptq.eval_tokens(opt.keep_eval_tokens, True)
+        cost = None
+        if n_tokens:
+            cost = ptq.measure(reference.model, reference.tokenizer, replaced, n_tokens, opt.keep_eval_data, what)
+        bits = 8 if opt.keep_head == "int8" else 4
+        rec = ptq.record(
+            f"symmetric round-to-nearest, {bits}-bit, float16 scale max|w| / {2 ** (bits - 1) - 1} per block of "
+            f"{opt.block_size}",
+            [{"name": hname, "source": key, "stored_as": f"MatMulNBits {bits}-bit"
+              + (" + GatherBlockQuantized (same bytes)" if tied else ""), "readback_max_abs_err": 0.0,
+              "max_abs_err": float((vals - ref).abs().max())}],
+            cost, None if cost else "keep_eval_tokens 0")
+        written.notes.append(ptq.note(what, rec))
+        return rec
 
     @classmethod
     def write_float(cls, src: Path, out: Path) -> None:

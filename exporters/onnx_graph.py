@@ -16,6 +16,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -190,6 +191,34 @@ def replace_matmuls(m, layers: dict[str, F.NBitsWeight], accuracy_level: int) ->
     g.initializer.extend(keep + new_inits)
     if not any(o.domain == F.MS_DOMAIN for o in m.opset_import):
         m.opset_import.append(helper.make_opsetid(F.MS_DOMAIN, 1))
+
+
+def gather_quantized(m, embed: str, name: str, L: F.NBitsWeight) -> None:
+    """Make the Gather that reads the float embedding initializer `embed` a GatherBlockQuantized over the
+    bytes of the MatMulNBits weight `name` (its B reshaped to (N, K * bits / 8), its scales): the tied table
+    is stored once. Needs K to fill whole blocks (no padding columns)."""
+    from onnx import helper, numpy_helper
+
+    g = m.graph
+    if L.K % L.block_size:
+        raise ExportError(f"{name}: K={L.K} is not a multiple of block_size={L.block_size}; cannot share its bytes")
+    users = [n for n in g.node if embed in n.input]
+    if len(users) != 1 or users[0].op_type != "Gather" or users[0].input[0] != embed:
+        found = [n.op_type for n in users]
+        raise ExportError(f"expected one Gather reading {embed} in the traced graph, found {found or 'none'}")
+    old = users[0]
+    shape = numpy_helper.from_array(np.array([L.N, L.K * L.bits // 8], dtype=np.int64), f"{name}.qweight_2d_shape")
+    data = f"{name}.qweight_2d"
+    inputs = [data, old.input[1], f"{name}.scales"] + ([f"{name}.qzeros"] if L.zero_points is not None else [])
+    i = list(g.node).index(old)
+    g.node.remove(old)
+    g.node.insert(i, helper.make_node("GatherBlockQuantized", inputs, [old.output[0]],
+                                      name=f"{embed}/GatherBlockQuantized", domain=F.MS_DOMAIN, gather_axis=0,
+                                      quantize_axis=1, block_size=L.block_size, bits=L.bits))
+    g.node.insert(0, helper.make_node("Reshape", [f"{name}.qweight", shape.name], [data], name=f"{name}/Reshape"))
+    keep = [t for t in g.initializer if t.name != embed]
+    del g.initializer[:]
+    g.initializer.extend(keep + [shape])
 
 
 def export_float(model, folder: Path, metadata: dict | None = None) -> None:

@@ -163,3 +163,13 @@ def emulate(model, act: str, artifact=None) -> ActPlan | None:
 
 
 __all__ = ["ACT_CHOICES", "plan_for", "llamacpp_plan", "ort_plan", "emulate"]
+
+
+def _register() -> None:
+    """`--act-quant llamacpp` in training: per layer, what `winq export --format gguf` would pick (--type auto)."""
+    from winq.actplan import register_plan
+
+    register_plan("llamacpp", lambda model: llamacpp_plan(model).quant)
+
+
+_register()

@@ -235,33 +235,73 @@ def _argmax(logits) -> int:
     return int(logits.argmax())
 
 
-def time_session(session: Session, prompt_ids, n_gen: int, repeats: int = 3) -> dict:
-    """Prefill and greedy-decode speed of a session: a warm-up run (allocator, thread pools, lazy kernels),
-    then the median of `repeats` runs. Prefill = one call over the prompt from an empty cache, including the
-    argmax of its last logits; decode = n_gen steps of one token each, feeding back the argmax.
+def percentile(xs, q: float) -> float:
+    """The q-th percentile (0..100) of xs, linear between the closest ranks (numpy's default method)."""
+    xs = sorted(xs)
+    if not xs:
+        raise ValueError("percentile of no values")
+    k = (len(xs) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
-    Returns prefill_tok_s, decode_tok_s, prefill_s, decode_s (medians), n_prompt, n_gen and the
-    generated ids of the last run."""
+
+def latency_ms(step_s) -> dict:
+    """Per-token decode latency in ms over every timed step: p50, p90, p99, mean, min, max and the count."""
+    ms = [1000.0 * x for x in step_s]
+    return {"p50": percentile(ms, 50), "p90": percentile(ms, 90), "p99": percentile(ms, 99),
+            "mean": statistics.fmean(ms), "min": min(ms), "max": max(ms), "n": len(ms)}
+
+
+def time_session(session: Session, prompt_ids, n_gen: int, repeats: int = 3, prefill_lengths=None,
+                 warmup_gen: int | None = None) -> dict:
+    """Prefill and greedy-decode speed of a session: a warm-up run (allocator, thread pools, lazy kernels),
+    then `repeats` timed runs; rates are medians over the runs. Prefill = one call over the prompt from an
+    empty cache, including the argmax of its last logits; decode = n_gen steps of one token each, feeding back
+    the argmax, each step timed on its own (per-token latency percentiles over all timed steps).
+
+    prefill_lengths: prompt lengths to time prefill at (each a prefix of prompt_ids; default: all of it); the
+    decode follows the prefill of the first one, and the warm-up run prefills only that one.
+    warmup_gen: decode steps of the warm-up run (default n_gen).
+
+    Returns prefill_tok_s, decode_tok_s, prefill_s, decode_s (medians, for the first length), prefill
+    {length: {tok_s, s}}, decode_ms (latency percentiles), n_prompt, n_gen and the generated ids of the last
+    run."""
     prompt = [int(t) for t in (prompt_ids.tolist() if hasattr(prompt_ids, "tolist") else prompt_ids)]
     if not prompt:
         raise ConfigError("bench needs at least one prompt token")
-    pre, dec, generated = [], [], []
+    lengths = list(dict.fromkeys(int(n) for n in (prefill_lengths or [len(prompt)])))
+    if any(n < 1 or n > len(prompt) for n in lengths):
+        raise ConfigError(f"prefill lengths {lengths} must lie in 1..{len(prompt)} (the prompt's tokens)")
+    main = lengths[0]
+    pre = {n: [] for n in lengths}
+    dec, steps, generated = [], [], []
     for r in range(repeats + 1):
+        for n in lengths[1:] if r else ():  # the other lengths first, so the decode follows the main prefill
+            t0 = time.perf_counter()
+            _argmax(session.prefill(prompt[:n]))
+            if r:
+                pre[n].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        nxt = _argmax(session.prefill(prompt))
+        nxt = _argmax(session.prefill(prompt[:main]))
         t1 = time.perf_counter()
-        toks = []
-        for _ in range(n_gen):
+        toks, ts = [], []
+        for _ in range(n_gen if r else (n_gen if warmup_gen is None else min(warmup_gen, n_gen))):
+            a = time.perf_counter()
             nxt = _argmax(session.step(nxt))
+            ts.append(time.perf_counter() - a)
             toks.append(nxt)
         t2 = time.perf_counter()
         if r:
-            pre.append(t1 - t0)
+            pre[main].append(t1 - t0)
             dec.append(t2 - t1)
+            steps.extend(ts)
             generated = toks
-    p, d = statistics.median(pre), statistics.median(dec)
-    return {"prefill_tok_s": len(prompt) / p, "decode_tok_s": n_gen / d if n_gen else None, "prefill_s": p,
-            "decode_s": d, "n_prompt": len(prompt), "n_gen": n_gen, "generated": generated}
+    prefill = {n: {"tok_s": n / statistics.median(v), "s": statistics.median(v)} for n, v in pre.items()}
+    p, d = prefill[main]["s"], statistics.median(dec)
+    return {"prefill_tok_s": main / p, "decode_tok_s": n_gen / d if n_gen else None, "prefill_s": p,
+            "decode_s": d, "prefill": prefill, "decode_ms": latency_ms(steps) if steps else None,
+            "n_prompt": main, "n_gen": n_gen, "repeats": repeats, "generated": generated}
 
 
 def generate(session: Session, prompt_ids, n_new: int, eos_token_id: int | None = None) -> list[int]:

@@ -10,7 +10,8 @@ What is measured, per backend (ARCHITECTURE §7), by the one timing loop of runt
 - prefill tokens/s: one forward over a prompt of `prompt_tokens` real token ids (the first ids
   of the held-out split, winq.evaluate.eval_ids), from an empty KV cache;
 - decode tokens/s: greedy generation of `gen_tokens` tokens, one token per forward, feeding
-  the argmax back with the KV cache;
+  the argmax back with the KV cache; each step is timed on its own, and `decode_ms` gives the
+  per-token latency p50/p90/p99 over every timed step;
 - load seconds and RSS right after loading, peak RSS at the end (runtime/measure.py), and the
   artifact's size on disk (a checkpoint's model.safetensors, a folder's total, a file).
 
@@ -95,8 +96,11 @@ class Job:
 # the worker: one backend, in this process
 
 
-def worker(kind: str, artifact: str, prompt_ids: list[int], n_gen: int, threads: int | None, repeats: int) -> dict:
-    """One backend's measurements, in this process (run it in a fresh one: see run_job)."""
+def worker(kind: str, artifact: str, prompt_ids: list[int], n_gen: int, threads: int | None, repeats: int,
+           prefill_lengths: list[int] | None = None, accuracy_level: int | None = None,
+           warmup_gen: int | None = None) -> dict:
+    """One backend's measurements, in this process (run it in a fresh one: see run_job). prefill_lengths,
+    warmup_gen: see backends.time_session; accuracy_level: ort's MatMulNBits override."""
     import torch
     import transformers  # noqa: F401  (imported before the clock starts: not load time)
 
@@ -105,11 +109,12 @@ def worker(kind: str, artifact: str, prompt_ids: list[int], n_gen: int, threads:
         torch.set_num_threads(threads)
     base_rss = rss_mb()
     t0 = time.perf_counter()
-    opts = LoadOptions(threads=threads, context=len(prompt_ids) + n_gen, purpose="bench")
+    opts = LoadOptions(threads=threads, context=len(prompt_ids) + n_gen, purpose="bench",
+                       accuracy_level=accuracy_level)
     session = backend.load(None if artifact is None else Path(artifact), opts)
     load_s = time.perf_counter() - t0
     load_rss = rss_mb()
-    res = time_session(session, prompt_ids, n_gen, repeats)
+    res = time_session(session, prompt_ids, n_gen, repeats, prefill_lengths=prefill_lengths, warmup_gen=warmup_gen)
     res.update(load_s=load_s, rss_load_mb=load_rss, torch_threads=torch.get_num_threads())
     # ru_maxrss is the kernel's high-water mark, which may lag the current RSS by a few pages
     peak = max(x for x in (peak_rss_mb(), rss_mb(), load_rss) if x is not None)
@@ -233,12 +238,16 @@ def prompt_ids(spec: BenchSpec, jobs: list[Job]) -> list[int]:
     return [int(t) for t in ids]
 
 
-def run_job(job: Job, ids: list[int], spec: BenchSpec, timeout: float | None = None) -> dict:
-    """Run one job's worker in a fresh Python process and return its result dict."""
+def run_job(job: Job, ids: list[int], spec: BenchSpec, timeout: float | None = None, threads: int | None = None,
+            prefill_lengths: list[int] | None = None, accuracy_level: int | None = None,
+            warmup_gen: int | None = None) -> dict:
+    """Run one job's worker in a fresh Python process and return its result dict. threads overrides
+    spec.threads; prefill_lengths, accuracy_level and warmup_gen are passed to the worker."""
+    threads = threads or spec.threads
     env = dict(os.environ)
-    if spec.threads:
+    if threads:
         for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            env[v] = str(spec.threads)
+            env[v] = str(threads)
     env.setdefault("TORCHDYNAMO_DISABLE", "1")  # gptqmodel would torch.compile its dequantizer (seconds per shape)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
@@ -246,8 +255,14 @@ def run_job(job: Job, ids: list[int], spec: BenchSpec, timeout: float | None = N
         ids_file = f.name
     cmd = [sys.executable, "-m", "winq.runtime.bench", "--kind", job.kind, "--artifact", str(job.artifact),
            "--ids", ids_file, "--gen-tokens", str(spec.gen_tokens), "--repeats", str(spec.repeats)]
-    if spec.threads:
-        cmd += ["--threads", str(spec.threads)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    if prefill_lengths:
+        cmd += ["--prefill-lengths", ",".join(str(n) for n in prefill_lengths)]
+    if accuracy_level is not None:
+        cmd += ["--accuracy-level", str(accuracy_level)]
+    if warmup_gen is not None:
+        cmd += ["--warmup-gen", str(warmup_gen)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -304,10 +319,15 @@ def main(argv=None) -> int:
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prefill-lengths", default=None, help="comma-separated prompt lengths to time prefill at")
+    p.add_argument("--accuracy-level", type=int, default=None, help="ort: MatMulNBits accuracy_level override")
+    p.add_argument("--warmup-gen", type=int, default=None, help="decode steps of the warm-up run")
     a = p.parse_args(argv)
     try:
         ids = json.loads(Path(a.ids).read_text())
-        res = worker(a.kind, a.artifact, ids, a.gen_tokens, a.threads, a.repeats)
+        lengths = [int(x) for x in a.prefill_lengths.split(",")] if a.prefill_lengths else None
+        res = worker(a.kind, a.artifact, ids, a.gen_tokens, a.threads, a.repeats, prefill_lengths=lengths,
+                     accuracy_level=a.accuracy_level, warmup_gen=a.warmup_gen)
     except WinqError as e:
         print(RESULT_TAG + json.dumps({"error": str(e)}), flush=True)
         return 1

@@ -8,14 +8,15 @@ from pathlib import Path
 from winq.fsutil import atomic_file
 
 
-def write_report(report: dict, out_json) -> tuple[Path, Path]:
-    """Write the JSON and the bar chart beside it (.png), each atomically; returns both paths."""
+def write_report(report: dict, out_json, plot_fn=None) -> tuple[Path, Path]:
+    """Write the JSON and its chart beside it (.png; `plot_fn(report, png)`, default the bar chart below), each
+    atomically; returns both paths."""
     out_json = Path(out_json)
     with atomic_file(out_json) as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
     png = out_json.with_suffix(".png")
     with atomic_file(png) as tmp:
-        plot(report, tmp)
+        (plot_fn or plot)(report, tmp)
     return out_json, png
 
 

@@ -120,7 +120,7 @@ class LlamaCppSession(Session):
     """A GGUF in llama.cpp. purpose "eval": all logits, F32 KV cache; "bench": last logits, F16 KV cache."""
 
     def __init__(self, path, opts: LoadOptions = LoadOptions()):
-        bench = opts.purpose == "bench"
+        self.bench = bench = opts.purpose == "bench"
         n_ctx = max(512, opts.context + 8) if bench else max(opts.context, 64)
         self.llm = open_model(path, n_ctx=n_ctx, threads=opts.threads, logits_all=not bench, f32_kv=not bench)
 
@@ -132,14 +132,22 @@ class LlamaCppSession(Session):
         self.llm.eval(toks)
         return torch.from_numpy(np.array(self.llm.scores[: len(toks)], dtype=np.float32))
 
+    def _last(self) -> np.ndarray:
+        """The last evaluated position's logits. With logits_all=False (bench) llama-cpp-python 0.3.36 never copies
+        logits into `scores`: read llama.cpp's output buffer (llama_get_logits_ith(ctx, -1)) directly."""
+        if self.bench:
+            ptr = self.llm._ctx.get_logits_ith(-1)
+            return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).copy()
+        return self.llm.scores[self.llm.n_tokens - 1]
+
     def prefill(self, ids):
         self.llm.reset()
         self.llm.eval([int(t) for t in ids])
-        return self.llm.scores[self.llm.n_tokens - 1]
+        return self._last()
 
     def step(self, token: int):
         self.llm.eval([int(token)])
-        return self.llm.scores[self.llm.n_tokens - 1]
+        return self._last()
 
 
 def load_llamacpp(path, threads: int | None = None, n_ctx: int = 2048) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -15,7 +15,12 @@ Which scheme each layer gets is the runtime's decision from the export's tensor 
 plans are built in winq.runtime.act (from winq-export.json or the exporters' own type choice).
 
 `TrainConfig.act_quant` / `winq train --act-quant` use `parse_act_quant`: none | q8_0 | q8_k |
-ort_int8 (MatMulNBits block 32, the ONNX exporter's default) | ort_int8:<block>.
+ort_int8 (MatMulNBits block 32, the ONNX exporter's default) | ort_int8:<block>, one scheme for every layer; or
+`llamacpp`, a per-layer plan: each layer gets the scheme llama.cpp uses for the GGUF type `winq export --format gguf`
+picks for it by default (winq.runtime.act.llamacpp_plan without an artifact; e.g. 2-bit seq on the default model:
+q8_0 for the 576-wide rows in Q4_0 containers, q8_k for down_proj in Q2_K). `train_act_plan` resolves a setting to
+{layer: ActQuant | None}; training stores a per-layer plan in winq.json as {"plan": "llamacpp", "layers": {layer:
+scheme}} (`plan_record`), so resuming and the exporters' check see the exact per-layer schemes it trained with.
 `act_mismatch` is the exporters' check of a runtime's per-layer schemes against that setting.
 """
 
@@ -31,6 +36,17 @@ from .actquant import ACT_QUANTIZERS, ORT_BLOCK_SIZES, fake_quantize_activation,
 from .errors import ConfigError
 
 TRAIN_SCHEMES = ("none", "q8_0", "q8_k", "ort_int8")  # what `winq train --act-quant` accepts (ort_int8[:block])
+PER_LAYER_PLANS = ("llamacpp",)  # `--act-quant` values that pick a scheme per layer (train_act_plan)
+# name -> fn(prepared model) -> {QuantLinear name: ActQuant | None}. The per-layer choice is the exporter's type choice
+# (winq.formats), which the core may not import: winq.runtime.act registers it when imported (the CLI imports it).
+PLAN_RESOLVERS: dict = {}
+
+
+def register_plan(name: str, resolve) -> None:
+    """Register the resolver of a PER_LAYER_PLANS name (winq.runtime.act registers `llamacpp`)."""
+    if name not in PER_LAYER_PLANS:
+        raise ConfigError(f"unknown per-layer plan {name!r}: choose one of {', '.join(PER_LAYER_PLANS)}")
+    PLAN_RESOLVERS[name] = resolve
 ORT_DEFAULT_BLOCK = 32  # the ONNX exporter's default MatMulNBits block_size
 # ggml types a float tensor (embedding, untied lm_head) may be stored as, and the values a reader gets
 FLOAT_TYPES = ("F32", "F16", "BF16", "Q8_0")
@@ -86,6 +102,71 @@ def parse_act_quant(text: str | None) -> ActQuant | None:
     except ValueError:
         raise ConfigError(f"act_quant={text!r}: the block after ':' must be an integer") from None
     return ActQuant("ort_int8", size)
+
+
+def _is_record(value) -> bool:
+    return isinstance(value, dict) and value.get("plan") in PER_LAYER_PLANS and isinstance(value.get("layers"), dict)
+
+
+def check_act_quant(value) -> None:
+    """Validate a TrainConfig.act_quant: a parse_act_quant string, a PER_LAYER_PLANS name, or a stored plan record
+    ({"plan": "llamacpp", "layers": {layer: scheme}}, see plan_record). ConfigError otherwise."""
+    if isinstance(value, str) and value in PER_LAYER_PLANS:
+        return
+    if isinstance(value, dict):
+        if not _is_record(value):
+            raise ConfigError(f"act_quant={value!r}: a per-layer plan is {{'plan': one of {PER_LAYER_PLANS}, "
+                              "'layers': {layer: scheme}}")
+        for v in value["layers"].values():
+            parse_act_quant(v)
+        return
+    try:
+        parse_act_quant(value)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (or a per-layer plan: {', '.join(PER_LAYER_PLANS)})") from None
+
+
+def train_act_plan(model: nn.Module, value) -> dict[str, ActQuant | None]:
+    """{QuantLinear name: ActQuant | None} for a TrainConfig.act_quant: one scheme for all layers, `llamacpp`'s
+    per-layer choice for this (prepared) model, or a stored plan record (every quantized layer must be listed)."""
+    check_act_quant(value)
+    layers = _quant_layers(model)
+    if isinstance(value, dict):
+        missing = [n for n in layers if n not in value["layers"]]
+        if missing:
+            raise ConfigError(f"act_quant plan lists no scheme for {len(missing)} quantized layers (first: "
+                              f"{missing[0]})")
+        return {n: parse_act_quant(value["layers"][n]) for n in layers}
+    if isinstance(value, str) and value in PER_LAYER_PLANS:
+        resolve = PLAN_RESOLVERS.get(value)
+        if resolve is None:
+            raise ConfigError(f"act_quant={value!r} is resolved per layer by winq.runtime.act: "
+                              f"`import winq.runtime.act` before training (the winq CLI does)")
+        return dict(resolve(model))
+    one = parse_act_quant(value)
+    return dict.fromkeys(layers, one)
+
+
+def plan_record(value, plan: dict) -> str | dict:
+    """What training stores as act_quant: `value` itself for one scheme, {"plan": value, "layers": {layer: scheme
+    or "none"}} for a PER_LAYER_PLANS name resolved to `plan` (train_act_plan)."""
+    if isinstance(value, str) and value in PER_LAYER_PLANS:
+        return {"plan": value, "layers": {n: str(a) if a is not None else "none" for n, a in plan.items()}}
+    return value
+
+
+def describe_act_quant(value) -> str:
+    """A TrainConfig.act_quant for messages: "q8_0", "none", "llamacpp (q8_0 x180, q8_k x30)"."""
+    if _is_record(value):
+        counts: dict[str, int] = {}
+        for v in value["layers"].values():
+            k = str(parse_act_quant(v) or "none")
+            counts[k] = counts.get(k, 0) + 1
+        return f"{value['plan']} ({', '.join(f'{k} x{n}' for k, n in sorted(counts.items()))})"
+    if isinstance(value, str) and value in PER_LAYER_PLANS:
+        return value
+    a = parse_act_quant(value)
+    return str(a) if a is not None else "none"
 
 
 def _quant_layers(model: nn.Module) -> dict:
@@ -217,30 +298,46 @@ def emulating(model: nn.Module, plan: ActPlan):
         undo()
 
 
-def act_mismatch(trained: str | None, runtime: dict, runtime_name: str) -> tuple[dict, str | None]:
-    """Compare what a checkpoint was trained with (TrainConfig.act_quant) with a runtime's per-layer activation
-    quantizers ({layer: ActQuant | None}). Returns (record for the export manifest, warning or None).
+def act_mismatch(trained, runtime: dict, runtime_name: str) -> tuple[dict, str | None]:
+    """Compare what a checkpoint was trained with (TrainConfig.act_quant: one scheme, or a per-layer plan record)
+    with a runtime's per-layer activation quantizers ({layer: ActQuant | None}). Returns (record for the export
+    manifest, warning or None).
 
     Warns only when the checkpoint was trained with an activation quantizer (a model trained on float activations
-    runs everywhere as it always did) and some layer's runtime quantizer gives different values."""
-    want = parse_act_quant(trained)
+    runs everywhere as it always did) and some layer's runtime quantizer gives different values. A per-layer plan is
+    compared layer by layer; a layer the plan does not list counts as trained without one."""
+    check_act_quant(trained)
+    if _is_record(trained):
+        want = {n: parse_act_quant(trained["layers"].get(n)) for n in runtime}
+        quantized = any(a is not None for a in want.values())
+    elif isinstance(trained, str) and trained in PER_LAYER_PLANS:  # a plan name without its layers: never stored
+        raise ConfigError(f"act_quant={trained!r} is resolved per layer when training starts; a checkpoint stores "
+                          "the resolved plan")
+    else:
+        one = parse_act_quant(trained)
+        want = dict.fromkeys(runtime, one)
+        quantized = one is not None
     runtime_counts: dict[str, int] = {}
     differ = []
     for name, a in runtime.items():
         k = str(a) if a is not None else "none"
         runtime_counts[k] = runtime_counts.get(k, 0) + 1
-        same = a is None if want is None else want.same_values(a)
+        w = want[name]
+        same = a is None if w is None else w.same_values(a)
         if not same:
             differ.append(name)
-    record = {"trained": str(want) if want is not None else "none", "runtime": runtime_name,
+    record = {"trained": describe_act_quant(trained if trained is not None else "none"), "runtime": runtime_name,
               "runtime_schemes": runtime_counts, "layers_differing": len(differ), "match": not differ}
-    if want is None or not differ:
+    if not quantized or not differ:
         return record, None
     got = ", ".join(f"{k} on {n} layers" for k, n in sorted(runtime_counts.items()))
-    return record, (f"the checkpoint was trained with {want} activations (--act-quant), but {runtime_name} quantizes "
-                    f"the inputs of {len(differ)} of {len(runtime)} quantized layers differently ({got}; first: "
-                    f"{differ[0]}): its results will not match training exactly")
+    first = differ[0]
+    return record, (f"the checkpoint was trained with {record['trained']} activations (--act-quant), but "
+                    f"{runtime_name} quantizes the inputs of {len(differ)} of {len(runtime)} quantized layers "
+                    f"differently ({got}; first: {first}, trained {want[first] or 'none'}): its results will not "
+                    "match training exactly")
 
 
-__all__ = ["ActQuant", "ActPlan", "TRAIN_SCHEMES", "parse_act_quant", "set_act_quant", "apply_plan", "emulating",
+__all__ = ["ActQuant", "ActPlan", "TRAIN_SCHEMES", "PER_LAYER_PLANS", "parse_act_quant", "check_act_quant",
+           "train_act_plan", "plan_record", "describe_act_quant", "set_act_quant", "apply_plan", "emulating",
            "round_float_weight", "act_mismatch", "FLOAT_TYPES"]

@@ -75,8 +75,9 @@ class TrainConfig:
     eval_batches: int = 8  # held-out batches per periodic eval
     diag_every: int = 1  # code-flip diagnostics (winq.diagnostics) every N steps; 0: off (adaptive resets need them)
     diag_sample: int = 1_000_000  # latent weights sampled for the diagnostics (all of them in smaller models)
-    act_quant: str = "none"  # runtime activation quantizer on every quantized layer's input (straight-through):
-    #                          none | q8_0 | q8_k | ort_int8[:block] (winq.actplan.parse_act_quant)
+    act_quant: str | dict = "none"  # runtime activation quantizer on the quantized layers' inputs (straight-through):
+    #                          none | q8_0 | q8_k | ort_int8[:block] (winq.actplan.parse_act_quant), or llamacpp:
+    #                          per layer, stored resolved as {"plan": "llamacpp", "layers": {...}} (actplan.plan_record)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -112,9 +113,9 @@ class TrainConfig:
             raise ConfigError(f"diag_every={self.diag_every} must be >= 0 and diag_sample={self.diag_sample} >= 1")
         if self.reinit_every == "auto" and self.method == "winq" and self.diag_every != 1:
             raise ConfigError("reinit_every='auto' reads the diagnostics every step: leave diag_every at 1")
-        from .actplan import parse_act_quant
+        from .actplan import check_act_quant
 
-        parse_act_quant(self.act_quant)
+        check_act_quant(self.act_quant)
 
     @property
     def effective_reinit_every(self) -> int:

@@ -31,13 +31,13 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .actplan import parse_act_quant
+from .actplan import plan_record, train_act_plan
 from .checkpoint import is_checkpoint, load_checkpoint, load_trainer_state, read_info, save_checkpoint
 from .config import QuantConfig, TrainConfig
 from .data import PackedBlocks, batch_indices, token_ids
@@ -250,10 +250,13 @@ class _Run:
 
         net.to(self.device)
         layers = quant_layers(net)
-        act = parse_act_quant(tcfg.act_quant)  # --act-quant: a runtime's activation quantizer, straight-through
-        for m in layers.values():
+        # --act-quant: a runtime's activation quantizers, straight-through; a per-layer plan (llamacpp) is resolved
+        # here, on the prepared model, and stored resolved (resume and the exporters' check read it back)
+        act = train_act_plan(net, tcfg.act_quant)
+        self.tcfg = tcfg = replace(tcfg, act_quant=plan_record(tcfg.act_quant, act))
+        for n, m in layers.items():
             m.noise_sigma = tcfg.effective_noise
-            m.act_quant = act
+            m.act_quant = act[n]
         self.noise = NoiseSource(net, tcfg.seed + 1, layers) if tcfg.effective_noise > 0 else None
         self.opt = torch.optim.AdamW(_param_groups(net, tcfg), betas=(0.9, 0.95), eps=1e-8)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, tcfg))

@@ -308,7 +308,8 @@ def test_files_metadata_and_tied_embedding(exports):
     m = onnx.load(str(out / MODEL_FILE), load_external_data=False)
     meta = {p.key: p.value for p in m.metadata_props}
     settings_ = json.loads(meta[METADATA_KEY])
-    assert settings_["options"] == {"block_size": 32, "accuracy_level": 0, "two_bit": "container"}
+    assert settings_["options"] == {"block_size": 32, "accuracy_level": 0, "two_bit": "container", "keep_head": "float",
+                                    "keep_eval_tokens": -1, "keep_eval_data": "ptb"}
     assert settings_["quant"] == json.loads((ck / "winq.json").read_text())["quant"]
     assert [i.name for i in m.graph.input][:4] == ["input_ids", "attention_mask", "position_ids",
                                                    "past_key_values.0.key"]

@@ -376,3 +376,104 @@ def test_cli_train_act_quant(tiny_llama, text_file, tmp_path):
     assert read_info(tmp_path / "k")["train"]["act_quant"] == "q8_k"
     r = runner.invoke(app, [*args, "--out", str(tmp_path / "x"), "--act-quant", "q4"])
     assert r.exit_code == 1 and "act_quant='q4'" in r.stderr and not (tmp_path / "x").exists()
+
+
+# ---- --act-quant llamacpp: a per-layer plan (q8_0 for Q4_0 containers, q8_k for Q2_K) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_mixed(tmp_path_factory):
+    """A tiny llama whose 2-bit seq export mixes GGUF types: 64-wide rows go into Q4_0 containers, the 256-wide
+    down_proj rows into Q2_K (as the default model's 576- and 1536-wide rows do)."""
+    from tinymodels import make_model_dir
+
+    return make_model_dir(tmp_path_factory.mktemp("mixed") / "llama", "llama", seed=0, hidden=64, inter=256)
+
+
+def test_act_quant_llamacpp_validation_and_records():
+    from winq.actplan import check_act_quant, describe_act_quant, plan_record
+
+    check_act_quant("llamacpp")
+    assert winq.TrainConfig(act_quant="llamacpp").act_quant == "llamacpp"
+    rec = plan_record("llamacpp", {"a": ActQuant("q8_0"), "b": ActQuant("q8_k"), "c": None})
+    assert rec == {"plan": "llamacpp", "layers": {"a": "q8_0", "b": "q8_k", "c": "none"}}
+    assert winq.TrainConfig.from_dict({"act_quant": rec}).act_quant == rec  # resume reads it back
+    assert describe_act_quant(rec) == "llamacpp (none x1, q8_0 x1, q8_k x1)"
+    assert plan_record("q8_0", {"a": ActQuant("q8_0")}) == "q8_0"
+    for bad in ({"plan": "ort4", "layers": {}}, {"plan": "llamacpp", "layers": {"a": "q4"}}, "llama"):
+        with pytest.raises(ConfigError):
+            winq.TrainConfig(act_quant=bad)
+    rt = {"a": ActQuant("q8_0"), "b": ActQuant("q8_k"), "c": None}
+    rec_, note = act_mismatch(rec, rt, "llama.cpp")
+    assert rec_["match"] and note is None and rec_["trained"].startswith("llamacpp")
+    rec_, note = act_mismatch(rec, {"a": ActQuant("q8_k"), "b": ActQuant("q8_k"), "c": None}, "llama.cpp")
+    assert rec_["layers_differing"] == 1 and "first: a, trained q8_0" in note
+    with pytest.raises(ConfigError, match="resolved per layer"):
+        act_mismatch("llamacpp", rt, "llama.cpp")
+
+
+def test_act_quant_llamacpp_needs_its_resolver(tiny_mixed, monkeypatch):
+    """The per-layer choice is the exporter's (winq.formats), registered by winq.runtime.act: without it, one error."""
+    from transformers import AutoModelForCausalLM
+
+    import winq.actplan as AP
+
+    monkeypatch.setattr(AP, "PLAN_RESOLVERS", {})
+    model = winq.prepare(AutoModelForCausalLM.from_pretrained(str(tiny_mixed)), winq.QuantConfig(bits=2))
+    with pytest.raises(ConfigError, match="import winq.runtime.act"):
+        AP.train_act_plan(model, "llamacpp")
+    with pytest.raises(ConfigError, match="unknown per-layer plan"):
+        AP.register_plan("vllm", lambda m: {})
+
+
+def test_train_act_quant_llamacpp_mixed_plan_matches_the_gguf_export(tiny_mixed, text_file, tmp_path, monkeypatch):
+    import winq.runtime.act  # noqa: F401  (registers the llamacpp resolver, as the CLI does)
+    from winq.checkpoint import read_info
+    from winq.exporters import export
+    from winq.train import train
+
+    seen = {}
+    orig = QuantLinear.forward
+
+    def spy(self, x):
+        seen.setdefault(self.spec.bits, set()).add((x.shape[-1], self.act_quant))
+        return orig(self, x)
+
+    monkeypatch.setattr(QuantLinear, "forward", spy)
+    tcfg = winq.TrainConfig(steps=2, seq_len=16, batch_size=1, act_quant="llamacpp", diag_every=0, reinit_every=-1)
+    out = tmp_path / "run"
+    train(str(tiny_mixed), str(text_file), winq.QuantConfig(bits=2), tcfg, out, progress=False)
+    assert seen[2] == {(64, ActQuant("q8_0")), (256, ActQuant("q8_k"))}  # per layer, by row width
+    stored = read_info(out)["train"]["act_quant"]
+    assert stored["plan"] == "llamacpp"
+    assert {k.rsplit(".", 1)[-1]: v for k, v in stored["layers"].items()} == {
+        "q_proj": "q8_0", "k_proj": "q8_0", "v_proj": "q8_0", "o_proj": "q8_0", "gate_proj": "q8_0",
+        "up_proj": "q8_0", "down_proj": "q8_k"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = export("gguf", out, tmp_path / "g" / "model.gguf")
+    rec = res.manifest["info"]["act_quant"]
+    assert rec["match"] and rec["runtime_schemes"] == {"q8_0": 12, "q8_k": 2}, rec
+    assert rec["trained"] == "llamacpp (q8_0 x12, q8_k x2)"
+    assert not any("--act-quant" in n for n in res.manifest["notes"])
+    # a single scheme for all layers does not match this export; the check names the first differing layer
+    ck = _ckpt_trained_with(tiny_mixed, tmp_path / "b", "q8_0", bits=2, grid="seq")
+    from winq.exporters import ExportWarning
+
+    with pytest.warns(ExportWarning, match="down_proj"):
+        bad = export("gguf", ck, tmp_path / "gb" / "model.gguf")
+    assert bad.manifest["info"]["act_quant"]["layers_differing"] == 2
+
+
+def test_cli_train_act_quant_llamacpp(tiny_mixed, text_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from winq.checkpoint import read_info
+    from winq.cli.main import app
+
+    args = ["train", "--model", str(tiny_mixed), "--data", str(text_file), "--steps", "1", "--seq-len", "16",
+            "--no-progress", "--threads", "1", "--bits", "2", "--out", str(tmp_path / "l"), "--act-quant", "llamacpp"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, (r.output, r.exception)
+    stored = read_info(tmp_path / "l")["train"]["act_quant"]
+    assert sorted(set(stored["layers"].values())) == ["q8_0", "q8_k"]

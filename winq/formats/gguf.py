@@ -393,21 +393,97 @@ def file_type(types: list[str], keep: str) -> LlamaFileType:
 # ---------------------------------------------------------------------------------------------
 # float tensors and llama.cpp's q/k row order
 
-KEEP = ("f16", "f32", "q8_0")  # how float tensors other than norms and biases may be stored
+KEEP = ("f16", "f32", "q8_0", "q6_k")  # how float tensors other than norms and biases may be stored
+KEEP_BLOCK = {"f16": 1, "f32": 1, "q8_0": 32, "q6_k": QK}  # rows must be a multiple of this
+KEEP_QUANT = ("q8_0", "q6_k")  # post-training quantization of float weights: never exact
+
+
+def keeps_for(width: int) -> tuple[str, ...]:
+    """The --keep choices whose blocks fit rows of `width`."""
+    return tuple(k for k in KEEP if width % KEEP_BLOCK[k] == 0)
+
+
+def check_keep(name: str, shape, keep: str) -> None:
+    """ConfigError naming the valid --keep choices when `keep` cannot store this float tensor's rows."""
+    shape = tuple(shape)
+    if is_kept_float(name, len(shape)) and shape[-1] % KEEP_BLOCK[keep]:
+        raise ConfigError(
+            f"--keep {keep} stores rows in blocks of {KEEP_BLOCK[keep]}, but {name} has rows of {shape[-1]}: "
+            f"choose one of {', '.join(keeps_for(int(shape[-1])))}"
+        )
+
+
+def is_kept_float(name: str, ndim: int) -> bool:
+    """Is this float tensor stored in --keep precision (embeddings, a float lm_head), not F32 (norms, biases)?"""
+    return not (ndim == 1 or name.endswith(".bias") or "norm" in name)
+
+
+def encode_q6_k(x: np.ndarray) -> np.ndarray:
+    """Round-to-nearest Q6_K of float weights (rows, cols), cols a multiple of 256 -> uint8 (rows, cols / 256 * 210).
+
+    gguf-py has no Q6_K quantizer, so this one is winq's own, written from the block layout gguf-py's
+    dequantizer reads: per 256-block ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] int8 (one per
+    16 elements), d float16; value = d * scale * (q - 32) with q in 0..63. Element 128 h + r: its low nibble
+    is in ql[64 h + r % 64] (low half for r < 64, high half otherwise), its high crumb in qh[32 h + r % 32]
+    at bits 2 (r // 32). Each 16-element sub-block takes the better (squared error) of two float scales:
+    its largest-magnitude value mapped to -32, or max |x| / 31; the 16 scales are then rounded to int8
+    against d = max |scale| / 127 and the codes re-rounded against the int8-rounded scales.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    b = _blocks(x, QK)  # (n, 256)
+    n = b.shape[0]
+    sub = b.reshape(n, 16, 16)
+    idx = np.abs(sub).argmax(axis=2)[..., None]
+    ext = np.take_along_axis(sub, idx, axis=2)[..., 0]  # (n, 16) the largest-magnitude value, signed
+    cands = np.stack([ext / -32.0, np.abs(ext) / 31.0])  # (2, n, 16)
+
+    def sq_err(scale):
+        inv = np.where(scale != 0, 1.0 / np.where(scale != 0, scale, 1.0), 0.0)
+        q = np.clip(np.rint(sub * inv[..., None]), -32, 31)
+        return ((q * scale[..., None] - sub) ** 2).sum(axis=2)
+
+    errs = np.stack([sq_err(c) for c in cands])
+    scale = np.where(errs[0] <= errs[1], cands[0], cands[1]).astype(np.float32)  # (n, 16)
+    d = (np.abs(scale).max(axis=1) / 127.0).astype(np.float16)  # (n,)
+    d32 = d.astype(np.float32)
+    sc = np.clip(np.rint(scale / np.where(d32 != 0, d32, 1.0)[:, None]), -128, 127).astype(np.int8)
+    eff = d32[:, None] * sc.astype(np.float32)  # (n, 16): the scale a reader applies
+    inv = np.where(eff != 0, 1.0 / np.where(eff != 0, eff, 1.0), 0.0)
+    q = (np.clip(np.rint(sub * inv[..., None]), -32, 31) + 32).astype(np.uint8).reshape(n, 2, 128)  # (n, h, r)
+    low, high = q & 15, q >> 4
+    ql = (low[:, :, :64] | (low[:, :, 64:] << 4)).reshape(n, 128)
+    hi = high.reshape(n, 2, 4, 32)  # (n, h, s, l)
+    qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(n, 64)
+    out = np.concatenate([ql, qh, sc.view(np.uint8), _f16(d[:, None])], axis=1)
+    return _rows(out.astype(np.uint8), rows)
+
+
+def decode_float(blocks: np.ndarray, keep: str, shape) -> np.ndarray:
+    """float32 values of a --keep q8_0 / q6_k tensor, through gguf-py's dequantizer."""
+    from gguf.quants import dequantize
+
+    ggml = GGMLQuantizationType.Q8_0 if keep == "q8_0" else GGMLQuantizationType.Q6_K
+    return np.asarray(dequantize(np.asarray(blocks), ggml), dtype=np.float32).reshape(tuple(shape))
 
 
 def encode_float(name: str, t: torch.Tensor, keep: str):
     """(array, raw ggml type or None, dtype name, max abs err) of a float tensor: norms, biases and 1-d
-    tensors F32, others in `keep` (Q8_0 through gguf-py's own quantizer: these are float weights)."""
+    tensors F32, others in `keep` (Q8_0 through gguf-py's own quantizer, Q6_K through encode_q6_k: these are
+    float weights, quantized post-training; ConfigError when the rows do not fill whole blocks)."""
     t32 = t.to(torch.float32)
-    if t.dim() == 1 or name.endswith(".bias") or "norm" in name or keep == "f32":
+    if not is_kept_float(name, t.dim()) or keep == "f32":
         return t32.numpy(), None, "f32", 0.0
-    if keep == "q8_0" and t.shape[-1] % 32 == 0:
-        from gguf.quants import quantize
+    check_keep(name, t.shape, keep)
+    if keep in KEEP_QUANT:
+        if keep == "q8_0":
+            from gguf.quants import quantize
 
-        q = quantize(t32.numpy(), GGMLQuantizationType.Q8_0)
-        err = float(np.abs(Q8_0.decode(q, tuple(t.shape)) - t32.numpy()).max())
-        return q, GGMLQuantizationType.Q8_0, "q8_0", err
+            q, raw = quantize(t32.numpy(), GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
+        else:
+            q, raw = encode_q6_k(t32.numpy()), GGMLQuantizationType.Q6_K
+        err = float(np.abs(decode_float(q, keep, tuple(t.shape)) - t32.numpy()).max())
+        return q, raw, keep, err
     h = t32.to(torch.float16)
     return h.numpy(), None, "f16", float((h.to(torch.float32) - t32).abs().max())
 

@@ -314,15 +314,20 @@ def check_folder(folder) -> Path:
     return folder
 
 
-def open_session(folder, threads: int | None = None, accuracy_level: int | None = None):
+def open_session(folder, threads: int | None = None, accuracy_level: int | None = None,
+                 profile_prefix: str | None = None):
     """An onnxruntime CPU InferenceSession of folder/model.onnx; accuracy_level rewrites every MatMulNBits
-    in memory (the graph without its weights; the session reads them from the folder)."""
+    in memory (the graph without its weights; the session reads them from the folder). profile_prefix turns on
+    onnxruntime's profiler (its JSON trace: session.end_profiling())."""
     folder = check_folder(folder)
     ort = require("onnxruntime", extra="onnx", purpose="running an ONNX export")
     if accuracy_level is not None and (isinstance(accuracy_level, bool) or accuracy_level not in ACCURACY_LEVELS):
         raise ConfigError(f"accuracy_level={accuracy_level!r}: choose 0 (float32 activations, exact) "
                           f"or 4 (int8 activations)")
     so = ort.SessionOptions()
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_prefix)
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
@@ -356,9 +361,11 @@ def open_session(folder, threads: int | None = None, accuracy_level: int | None 
 class OrtDecoder:
     """A session of a decoder export plus the KV-cache plumbing, batch 1: `prefill(ids)`, then `step(token)`."""
 
-    def __init__(self, folder, threads: int | None = None, accuracy_level: int | None = None):
+    def __init__(self, folder, threads: int | None = None, accuracy_level: int | None = None,
+                 profile_prefix: str | None = None):
         self.folder = Path(folder)
-        self.session = open_session(folder, threads=threads, accuracy_level=accuracy_level)
+        self.session = open_session(folder, threads=threads, accuracy_level=accuracy_level,
+                                    profile_prefix=profile_prefix)
         ins = {i.name: i for i in self.session.get_inputs()}
         need = {"input_ids", "attention_mask", "position_ids"}
         if not need <= set(ins):
