@@ -422,16 +422,14 @@ def perf_profile(kind: str, artifact: Path, ids: list[int], threads: int, level,
     and model load are in the samples too: the `runtime_pct` of each symbol is its share of llama.cpp's own."""
     import tempfile
 
+    from winq.runtime.bench import worker_command
+
     if shutil.which("perf") is None:
         return {"run": False, "reason": "perf (Linux perf tools) is not installed"}
     with tempfile.TemporaryDirectory() as d:
         idf, data = Path(d) / "ids.json", Path(d) / "perf.data"
         idf.write_text(json.dumps(ids[:16]))
-        cmd = [sys.executable, "-m", "winq.runtime.bench", "--kind", kind, "--artifact", str(artifact), "--ids",
-               str(idf), "--gen-tokens", str(gen_tokens), "--repeats", "1", "--threads", str(threads),
-               "--warmup-gen", "1"]
-        if level is not None:
-            cmd += ["--accuracy-level", str(level)]
+        cmd = worker_command(kind, artifact, idf, gen_tokens, 1, threads, accuracy_level=level, warmup_gen=1)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         r = subprocess.run(["perf", "record", "-F", "499", "-o", str(data), "--", *cmd], capture_output=True,
                            text=True, env=env)
@@ -588,7 +586,7 @@ def run_edge(shape_arg: str, types=None, threads=(1, 2), seed: int = 0, prefill=
     from winq.runtime.measure import machine_info
 
     shape = load_shape(shape_arg)
-    types = parse_types(types) if not isinstance(types, list) else types
+    types = parse_types(",".join(types) if isinstance(types, (list, tuple)) else types)
     if phase not in ("all", "build", "bench", "profile"):
         raise ConfigError(f"--phase {phase!r}: choose all, build, bench or profile")
     threads, prefill = [int(t) for t in threads], [int(n) for n in prefill]

@@ -238,6 +238,23 @@ def prompt_ids(spec: BenchSpec, jobs: list[Job]) -> list[int]:
     return [int(t) for t in ids]
 
 
+def worker_command(kind: str, artifact, ids_file, gen_tokens: int, repeats: int, threads: int | None = None,
+                   prefill_lengths: list[int] | None = None, accuracy_level: int | None = None,
+                   warmup_gen: int | None = None) -> list[str]:
+    """The command line of one worker (`python -m winq.runtime.bench ...`; see main below)."""
+    cmd = [sys.executable, "-m", "winq.runtime.bench", "--kind", kind, "--artifact", str(artifact),
+           "--ids", str(ids_file), "--gen-tokens", str(gen_tokens), "--repeats", str(repeats)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    if prefill_lengths:
+        cmd += ["--prefill-lengths", ",".join(str(n) for n in prefill_lengths)]
+    if accuracy_level is not None:
+        cmd += ["--accuracy-level", str(accuracy_level)]
+    if warmup_gen is not None:
+        cmd += ["--warmup-gen", str(warmup_gen)]
+    return cmd
+
+
 def run_job(job: Job, ids: list[int], spec: BenchSpec, timeout: float | None = None, threads: int | None = None,
             prefill_lengths: list[int] | None = None, accuracy_level: int | None = None,
             warmup_gen: int | None = None) -> dict:
@@ -253,16 +270,8 @@ def run_job(job: Job, ids: list[int], spec: BenchSpec, timeout: float | None = N
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(ids, f)
         ids_file = f.name
-    cmd = [sys.executable, "-m", "winq.runtime.bench", "--kind", job.kind, "--artifact", str(job.artifact),
-           "--ids", ids_file, "--gen-tokens", str(spec.gen_tokens), "--repeats", str(spec.repeats)]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    if prefill_lengths:
-        cmd += ["--prefill-lengths", ",".join(str(n) for n in prefill_lengths)]
-    if accuracy_level is not None:
-        cmd += ["--accuracy-level", str(accuracy_level)]
-    if warmup_gen is not None:
-        cmd += ["--warmup-gen", str(warmup_gen)]
+    cmd = worker_command(job.kind, job.artifact, ids_file, spec.gen_tokens, spec.repeats, threads, prefill_lengths,
+                         accuracy_level, warmup_gen)
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
