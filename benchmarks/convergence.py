@@ -49,8 +49,9 @@ SETTINGS = {"seq2": ("2", "seq"), "lsq4": ("4", "lsq"), "lsq3": ("3", "lsq"), "t
 # method -> extra `winq train` arguments (besides --method); "{steps}" is the run's budget
 METHODS = {
     "qat": ["--method", "qat"],
-    "winq": ["--method", "winq"],
-    "reset-only": ["--method", "winq", "--noise-sigma", "0"],
+    # fixed period: a reset every quarter of the budget (`winq train` itself defaults to auto)
+    "winq": ["--method", "winq", "--reinit-every", "-1"],
+    "reset-only": ["--method", "winq", "--reinit-every", "-1", "--noise-sigma", "0"],
     "noise-only": ["--method", "winq", "--reinit-every", "{steps}"],  # a reset at the final step never happens
     "winq-travel": ["--method", "winq", "--reinit-every", "auto", "--reinit-trigger", "travel"],
     "winq-plateau": ["--method", "winq", "--reinit-every", "auto", "--reinit-trigger", "plateau"],
@@ -78,6 +79,11 @@ _PRESET_ROWS = {  # setting: (cpu, gpu, smoke)
     "travel": (0.5, 0.5, 0.01),
     "plateau_flip": (0.1, 0.1, 0.5),
     "min_steps": (20, 50, 2),
+    "scratch_steps": (2000, 8000, 8),
+    "scratch_batch": (4, 32, 2),
+    "scratch_lr": (0.003, 0.003, 0.003),
+    "scratch_eval_every": (100, 400, 4),
+    "scratch_travel": (1.0, 1.0, 0.01),
     "threads": (1, 0, 1),
     "workers": (2, 4, 2),
 }
@@ -124,7 +130,7 @@ def train_cmd(job: dict, a: argparse.Namespace) -> list[str]:
         "--overwrite",
         "--no-progress",
         "--reinit-travel",
-        str(a.p["travel"]),
+        str(job.get("travel", a.p["travel"])),
         "--reinit-flip",
         str(a.p["plateau_flip"]),
         "--reinit-min-steps",
@@ -256,7 +262,7 @@ def compare(runs: dict[str, dict], ref: str = "qat") -> dict:
 
 
 # ---- phase 1: the cost of a step ------------------------------------------------------------
-COST_CONFIGS = ("fp32", "qat-composite", "winq-composite", "qat-nodiag", "qat", "winq")
+COST_CONFIGS = ("fp32", "qat-composite", "winq-composite", "qat-nodiag", "qat", "winq-sync", "winq")
 
 
 def cost_worker(config: str, steps: int, seq_len: int, threads: int, out: str) -> None:
@@ -313,6 +319,10 @@ def cost_worker(config: str, steps: int, seq_len: int, threads: int, out: str) -
 
             QuantLinear.forward = composite_forward
             wt.NoiseSource = NoNoiseSource
+        elif config == "winq-sync":  # the noise drawn before the forward, not beside it (as before the side thread)
+            import functools
+
+            wt.NoiseSource = functools.partial(wt.NoiseSource, background=False)
         tcfg = TrainConfig(
             method=method,
             steps=steps,
@@ -327,10 +337,17 @@ def cost_worker(config: str, steps: int, seq_len: int, threads: int, out: str) -
         )
         times = [r["step_s"] for r in res.records if "step_s" in r]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB (Linux: kB)
-    Path(out, f"cost-{config}.json").write_text(json.dumps({"config": config, "step_s": times, "peak_rss_mb": rss}))
+    Path(out, cost_file(config, threads)).write_text(
+        json.dumps({"config": config, "threads": threads, "step_s": times, "peak_rss_mb": rss})
+    )
 
 
-def cost_jobs(a, configs=COST_CONFIGS) -> list[dict]:
+def cost_file(config: str, threads: int) -> str:
+    return f"cost-{config}.json" if threads in (0, 1) else f"cost-{config}-t{threads}.json"
+
+
+def cost_jobs(a, configs=COST_CONFIGS, threads: int | None = None) -> list[dict]:
+    threads = a.p["threads"] or 0 if threads is None else threads
     jobs = []
     for c in configs:
         cmd = [
@@ -343,18 +360,21 @@ def cost_jobs(a, configs=COST_CONFIGS) -> list[dict]:
             "--seq-len",
             "256",
             "--threads",
-            str(a.p["threads"] or 0),
+            str(threads),
             "--workdir",
             str(a.workdir),
         ]
-        jobs.append({"name": f"cost-{c}", "kind": "cost-metrics", "cmd": cmd, "out": str(a.workdir)})
+        jobs.append({"name": cost_file(c, threads)[:-5], "kind": "cost-metrics", "cmd": cmd, "out": str(a.workdir)})
     return jobs
 
 
-def cost_summary(a) -> dict:
+def cost_summary(a, threads: int = 1) -> dict:
+    """The measured configs at `threads` torch threads (those without a file are left out), and their ratios."""
     res = {}
     for c in COST_CONFIGS:
-        f = Path(a.workdir, f"cost-{c}.json")
+        f = Path(a.workdir, cost_file(c, threads))
+        if not f.exists():
+            continue
         d = json.loads(f.read_text())
         ts = d["step_s"][1:] or d["step_s"]
         # the fastest step: the other core runs other jobs, and the minimum is the least disturbed figure
@@ -364,17 +384,21 @@ def cost_summary(a) -> dict:
             "peak_rss_mb": round(d["peak_rss_mb"]),
             "measured_at": time.strftime("%Y-%m-%d %H:%M", time.gmtime(f.stat().st_mtime)),
         }
-    r = lambda x, y: round(res[x]["min_step_s"] / res[y]["min_step_s"], 3)  # noqa: E731
-    m = lambda x, y: round(res[x]["peak_rss_mb"] / res[y]["peak_rss_mb"], 3)  # noqa: E731
-    res["ratios"] = {
-        "winq_over_qat_step_time": r("winq", "qat"),
-        "winq_over_qat_step_time_composite": r("winq-composite", "qat-composite"),
-        "diagnostics_overhead": r("qat", "qat-nodiag"),
-        "fused_over_composite_step_time_qat": r("qat", "qat-composite"),
-        "peak_rss_winq_over_fp32": m("winq", "fp32"),
-        "peak_rss_qat_over_fp32": m("qat", "fp32"),
-        "peak_rss_winq_composite_over_fp32": m("winq-composite", "fp32"),
+
+    def ratio(key, x, y):
+        return round(res[x][key] / res[y][key], 3) if x in res and y in res else None
+
+    pairs = {
+        "winq_over_qat_step_time": ("min_step_s", "winq", "qat"),
+        "winq_sync_over_qat_step_time": ("min_step_s", "winq-sync", "qat"),
+        "winq_over_qat_step_time_composite": ("min_step_s", "winq-composite", "qat-composite"),
+        "diagnostics_overhead": ("min_step_s", "qat", "qat-nodiag"),
+        "fused_over_composite_step_time_qat": ("min_step_s", "qat", "qat-composite"),
+        "peak_rss_winq_over_fp32": ("peak_rss_mb", "winq", "fp32"),
+        "peak_rss_qat_over_fp32": ("peak_rss_mb", "qat", "fp32"),
+        "peak_rss_winq_composite_over_fp32": ("peak_rss_mb", "winq-composite", "fp32"),
     }
+    res["ratios"] = {k: v for k, (key, x, y) in pairs.items() if (v := ratio(key, x, y)) is not None}
     return res
 
 
@@ -455,9 +479,12 @@ def main() -> None:
     ap.add_argument("--workdir", default="runs/convergence")
     ap.add_argument("--out", default="results/convergence.json")
     ap.add_argument("--reuse", action="store_true", help="reuse finished runs found in --workdir")
-    ap.add_argument("--skip", default="", help="comma-separated phases to skip: cost, default, small")
+    ap.add_argument("--skip", default="", help="comma-separated phases to skip: cost, default, small, scratch")
     ap.add_argument(
         "--cost-configs", default="", help=f"with --cost-only: which of {', '.join(COST_CONFIGS)} (default all)"
+    )
+    ap.add_argument(
+        "--cost-threads", default="1", help="with --cost-only: comma-separated torch thread counts (default 1)"
     )
     ap.add_argument("--tables", action="store_true", help="print the README's markdown tables from the --out JSON")
     ap.add_argument(
@@ -692,7 +719,105 @@ def main() -> None:
         **ablation,
         "not_run": missing,
     }
+    if "scratch" not in skip:
+        result["scratch"] = scratch_phase(a, result)
     finish(result, a, t0)
+
+
+def scratch_phase(a, result: dict) -> dict:
+    """Phase 4: 2-bit QAT from random initialisation (the small model's architecture and tokenizer), where the
+    weights travel many quantization steps between resets and the held-out loss falls for the whole run, so
+    "the step at which a method first reaches QAT's final loss" measures a convergence speed. Same seed, data
+    order, cosine schedule and budget for every method; `winq` resets every quarter, `winq-travel` whenever the
+    measured travel since the last reset reaches `scratch_travel` median steps."""
+    p = a.p
+    init = str(Path(a.workdir) / "ptb-small-init")
+    run_jobs(
+        [
+            {
+                "name": "init-ptb-small",
+                "kind": "pretrain-metrics",
+                "out": init,
+                "cmd": [
+                    sys.executable,
+                    str(REPO / "benchmarks" / "small_model.py"),
+                    "--steps",
+                    "0",
+                    "--out",
+                    init,
+                ],
+            }
+        ],
+        a,
+    )
+    steps, lr = p["scratch_steps"], p["scratch_lr"]
+
+    def sjob(setting, method, seed):
+        j = job(
+            a,
+            f"scratch-{setting}-{method}-lr{lr:g}-{steps}-s{seed}",
+            setting,
+            method,
+            lr,
+            seed,
+            init,
+            steps,
+            p["seq_len"],
+            p["scratch_eval_every"],
+        )
+        j["batch_size"] = p["scratch_batch"]
+        j["travel"] = p["scratch_travel"]
+        return j
+
+    # the 2-bit headline on 2 seeds, 4-bit on seed 0, then the rest of the 2-bit ablation and 4-bit's travel trigger
+    headline = ("qat", "winq", "winq-travel")
+    order = [("seq2", m, sd) for sd in (0, 1) for m in headline]
+    order += [("lsq4", "qat", 0), ("lsq4", "winq", 0), ("seq2", "reset-only", 0), ("seq2", "noise-only", 0)]
+    order += [("lsq4", "winq-travel", 0)]
+    jobs = {key: sjob(*key) for key in order}
+    run_jobs([jobs[k] for k in order], a)
+    done = lambda j: j.get("records") is not None  # noqa: E731
+    out = {
+        "model": "ptb-small architecture (benchmarks/small_model.py), random init, PTB word tokenizer",
+        "lr": lr,
+        "steps": steps,
+        "seq_len": p["seq_len"],
+        "batch_size": p["scratch_batch"],
+        "travel_trigger": p["scratch_travel"],
+        "not_run": [j["name"] for j in jobs.values() if not done(j)],
+    }
+    for setting in ("seq2", "lsq4"):
+        per_seed = {}
+        for seed in (0, 1):
+            runs = {
+                k[1]: summarise_run(jobs[k]["records"])
+                for k in order
+                if k[0] == setting and k[2] == seed and done(jobs[k])
+            }
+            if "qat" not in runs:
+                continue
+            per_seed[seed] = {"runs": runs, "compare": compare(runs)}
+            title = f"from scratch (small model's architecture), {setting}, lr {lr:g}, {steps} steps, seed {seed}"
+            result["studies"][title] = {"model": "ptb-small architecture, random init", **per_seed[seed]}
+        summary = {}
+        for m in METHODS:
+            ss = [sd for sd in per_seed if m in per_seed[sd]["runs"]]
+            if not ss:
+                continue
+            cmp = [per_seed[sd]["compare"][m] for sd in ss]
+            run = [per_seed[sd]["runs"][m] for sd in ss]
+            summary[m] = {
+                "seeds": ss,
+                "final_eval_loss_per_seed": [c["final_eval_loss"] for c in cmp],
+                "step_reaching_qat_final_per_seed": [c["step_reaching_qat_final"] for c in cmp],
+                "steps_ratio_per_seed": [c["steps_ratio_qat_over_method"] for c in cmp],
+                "step_time_ratio_per_seed": [c["step_time_ratio_vs_qat"] for c in cmp],
+                "travel_per_interval_per_seed": [r["travel_per_interval"] for r in run],
+                "resets_per_seed": [[x["step"] for x in r["resets"]] for r in run],
+                "mean_flip_rate_after_first_reset_per_seed": [r["mean_flip_rate_after_first_reset"] for r in run],
+            }
+        out[setting] = summary
+    return out
 
 
 def _f(x, fmt="{:.3f}") -> str:
@@ -734,39 +859,73 @@ def print_tables(r: dict) -> None:
                 f"| {m} | {v['seeds']} | {', '.join(_f(x) for x in v['final_eval_loss_per_seed'])} | "
                 f"{', '.join(_f(x, '{:.2f}') for x in v['steps_ratio_per_seed'])} |"
             )
-    if "cost" in r:
-        print("\n**cost**\n")
+    for setting in ("seq2", "lsq4"):
+        sc = r.get("scratch", {}).get(setting)
+        if not sc:
+            continue
+        print(f"\n**from scratch, {setting}** (per seed)\n")
+        print(
+            "| method | seeds | final held-out loss | step reaching QAT's final | QAT steps / method steps "
+            "| travel per interval |"
+        )
+        print("|---|---|---|---|---|---|")
+        for m, v in sc.items():
+            tr = " / ".join(", ".join(f"{x:.2f}" for x in t) for t in v["travel_per_interval_per_seed"])
+            print(
+                f"| {m} | {v['seeds']} | {', '.join(_f(x) for x in v['final_eval_loss_per_seed'])} | "
+                f"{', '.join(_f(x, '{}') for x in v['step_reaching_qat_final_per_seed'])} | "
+                f"{', '.join(_f(x, '{:.2f}') for x in v['steps_ratio_per_seed'])} | {tr} |"
+            )
+    costs = {"1": r["cost"]} if "cost" in r else {}
+    costs.update(r.get("cost_threads", {}))
+    for n, cost in costs.items():
+        print(f"\n**cost, {n} torch thread(s)**\n")
         print("| config | fastest step (s) | peak RSS (MB) |")
         print("|---|---|---|")
-        for k, v in r["cost"].items():
+        for k, v in cost.items():
             if isinstance(v, dict) and "min_step_s" in v:
                 print(f"| {k} | {v['min_step_s']:.2f} | {v['peak_rss_mb']} |")
-        print(json.dumps(r["cost"].get("ratios")))
+        print(json.dumps(cost.get("ratios")))
 
 
 def cost_only(a) -> None:
-    """Re-measure phase 1's step cost alone (no other job on the machine) into the existing result file."""
+    """Re-measure phase 1's step cost alone (no other job on the machine) into the existing result file: at 1 torch
+    thread into "cost", at each other count of --cost-threads into "cost_threads"[n]."""
     a.p["workers"] = 1
     a.workdir = Path(a.workdir)
     a.workdir.mkdir(parents=True, exist_ok=True)
     a.env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    run_jobs(cost_jobs(a, a.cost_configs.split(",") if a.cost_configs else COST_CONFIGS), a)
-    cost = cost_summary(a)
-    cost["setup"] = (
-        f"default model, 2-bit seq, 1 x 256 tokens per step, {a.p['cost_steps']} steps, fastest after the first, "
-        "one process per config, one at a time"
-    )
-    cost["command"] = "python " + " ".join(sys.argv)
+    configs = a.cost_configs.split(",") if a.cost_configs else COST_CONFIGS
+    bad = sorted(set(configs) - set(COST_CONFIGS))
+    if bad:
+        raise SystemExit(f"--cost-configs: unknown {', '.join(bad)}; choose from {', '.join(COST_CONFIGS)}")
     out = Path(a.out)
     result = json.loads(out.read_text()) if out.exists() else {"benchmark": "convergence", "studies": {}}
-    result["cost"] = cost
+    for n in [int(x) for x in a.cost_threads.split(",")]:
+        run_jobs(cost_jobs(a, configs, threads=n), a)
+        cost = cost_summary(a, threads=n)
+        cost["setup"] = (
+            f"default model, 2-bit seq, 1 x 256 tokens per step, {a.p['cost_steps']} steps, fastest after the first, "
+            f"{n} torch thread(s), one process per config, one at a time"
+        )
+        cost["command"] = "python " + " ".join(sys.argv)
+        if n == 1:
+            result["cost"] = cost
+        else:
+            result.setdefault("cost_threads", {})[str(n)] = cost
+        log(f"cost at {n} thread(s): {cost['ratios']}")
     out.write_text(json.dumps(result, indent=1) + "\n")
-    log(f"cost: {cost['ratios']}; wrote {out}")
+    log(f"wrote {out}")
 
 
 def finish(result: dict, a, t0: float) -> None:
     result["wall_seconds"] = round(time.time() - t0, 1)
     out = Path(a.out)
+    if out.exists():  # keep what this invocation did not measure (the cost phase of --cost-only, the run history)
+        old = json.loads(out.read_text())
+        for key in ("cost", "cost_threads", "run_history"):
+            if key in old and key not in result:
+                result[key] = old[key]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     if result["studies"]:

@@ -113,15 +113,20 @@ class QuantLinear(nn.Linear):
         return alpha.clamp(min=ALPHA_EPS) * self.spec.scale_factor
 
     def _noisy(self) -> bool:
-        return self.noise_sigma > 0 and self.eps_w is not None
+        """True when this forward adds WinQ noise; then waits until the layer's share of the draw is filled."""
+        if self.noise_sigma > 0 and self.eps_w is not None:
+            if self.noise is not None:
+                self.noise.ready(self)
+            return True
+        return False
 
     def fake_weight(self, noise: bool = False) -> torch.Tensor:
         """The fake-quant weight W_q, float32 (out, in). noise=True adds WinQ's training noise (the current draw)."""
         w = self.weight.float()
         alpha = self.alpha
         if noise and self._noisy():
-            w = w + self.noise_sigma * self.eps_w
-            alpha = alpha + self.noise_sigma * self.eps_a
+            w = torch.add(w, self.eps_w, alpha=self.noise_sigma)  # one pass: W + sigma * eps
+            alpha = torch.add(alpha, self.eps_a, alpha=self.noise_sigma)
         a = alpha.clamp(min=ALPHA_EPS)[..., None]  # (out, G, 1)
         zp = self.zero_point[..., None] if self.zero_point is not None else None
         lev = self.spec.levels(self._grouped(w), a, zp)  # (out, G, g)
@@ -191,8 +196,8 @@ class _FakeQuantLinear(torch.autograd.Function):
         noise = layer._noisy()
         w, a = weight.float(), alpha
         if noise:
-            w = w + layer.noise_sigma * layer.eps_w
-            a = a + layer.noise_sigma * layer.eps_a
+            w = torch.add(w, layer.eps_w, alpha=layer.noise_sigma)  # the same expression as fake_weight()
+            a = torch.add(a, layer.eps_a, alpha=layer.noise_sigma)
         A = a.clamp(min=ALPHA_EPS)[..., None]  # (out, G, 1)
         xq = layer._grouped(w) / A  # (out, G, g)
         lo, hi, _, m = spec.ste_clip
@@ -221,7 +226,7 @@ class _FakeQuantLinear(torch.autograd.Function):
                 "WinQ noise was redrawn between a forward and its backward; run one forward per backward"
             )
         if ctx.noise:
-            alpha = alpha + layer.noise_sigma * layer.eps_a
+            alpha = torch.add(alpha, layer.eps_a, alpha=layer.noise_sigma)
         A = alpha.clamp(min=ALPHA_EPS)[..., None]  # (out, G, 1)
         S = layer.deploy_scale(alpha).to(torch.float16).to(torch.float32)[..., None]
         _, _, k, m = spec.ste_clip
@@ -245,7 +250,7 @@ class _FakeQuantLinear(torch.autograd.Function):
         if need_a:
             w = weight.float()
             if ctx.noise:
-                w = w + layer.noise_sigma * layer.eps_w
+                w = torch.add(w, layer.eps_w, alpha=layer.noise_sigma)
             c = spec.scale_factor
             grad_a = (c / S[..., 0]) * term1 - torch.linalg.vecdot(grad_w, layer._grouped(w)) / A[..., 0]
             grad_a = grad_a * (alpha >= ALPHA_EPS)

@@ -145,6 +145,82 @@ def test_noise_is_fresh_per_forward_seeded_and_independent_of_threads():
     assert m.eps_w.shape == m.weight.shape and m.eps_a.shape == m.alpha.shape
 
 
+def _two_chunk_net():
+    """Two layers, the second one's noise beyond the first chunk of the buffer."""
+    g = torch.Generator().manual_seed(0)
+    a = QuantLinear.from_linear(torch.nn.Linear(64, 64), "seq", 2)
+    b = QuantLinear.from_linear(torch.nn.Linear(CHUNK // 512 + 8, 512, bias=False), "lsq", 4)
+    with torch.no_grad():
+        for m in (a, b):
+            m.weight.copy_(0.1 * torch.randn(m.weight.shape, generator=g))
+            m.init_scales()
+            m.noise_sigma = 1e-3
+    return a, b
+
+
+def test_background_fill_gives_the_synchronous_values_and_layers_wait_for_their_chunks():
+    a, b = _two_chunk_net()
+    sync = NoiseSource(torch.nn.Sequential(a, b), seed=5, background=False)
+    assert a.noise_chunks == 1 and b.noise_chunks == 2
+    sync.draw()
+    want = sync.buffer.clone()
+    sync.remove()
+    src = NoiseSource(torch.nn.Sequential(a, b), seed=5, background=True)
+    gate, calls = __import__("threading").Event(), []
+    fill = src._fill
+
+    def slow_fill(k, c):  # chunk 1 waits until the test has seen layer a go ahead
+        if c == 1:
+            gate.wait(10)
+        calls.append(c)
+        fill(k, c)
+
+    src._fill = slow_fill
+    src.start()
+    src.ready(a)  # a's noise is all in chunk 0: no wait for chunk 1
+    assert calls == [0] and src._filled == 1
+    gate.set()
+    src.ready(b)
+    assert src._filled == 2
+    src.wait()
+    assert src.draws == 1 and torch.equal(src.buffer, want)  # the same values as draw()
+
+
+def test_background_fill_in_training_matches_the_synchronous_one_and_reports_failures():
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+
+    def run(background):
+        torch.manual_seed(0)  # the plain middle layer
+        a, b = _two_chunk_net()
+        net = torch.nn.Sequential(a, torch.nn.Linear(64, CHUNK // 512 + 8), b)
+        src = NoiseSource(net, seed=9, background=background)
+        net.train()
+        outs = []
+        for _ in range(2):
+            y = net(x)
+            y.square().mean().backward()
+            outs.append((y.detach(), a.alpha.grad.clone(), b.weight.grad.clone()))
+        return src, net, outs
+
+    _, _, sync = run(False)
+    src, net, bg = run(True)
+    for (y1, ga1, gb1), (y2, ga2, gb2) in zip(sync, bg):
+        assert torch.equal(y1, y2) and torch.equal(ga1, ga2) and torch.equal(gb1, gb2)
+
+    def broken(k, c):
+        raise OSError("disk on fire")
+
+    src._fill = broken
+    with pytest.raises(RuntimeError, match="drawing the WinQ noise failed: disk on fire"):
+        net(x)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        src.wait()
+    src.wait()  # reported once; the source is usable again
+    src._fill = NoiseSource._fill.__get__(src)
+    net(x)
+    assert src.draws == 4
+
+
 def test_noise_is_drawn_only_in_training_forwards():
     m = _layer("seq", 2, -1)
     net = torch.nn.Sequential(m)
