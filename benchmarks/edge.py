@@ -523,6 +523,7 @@ def plot(report: dict, png) -> None:
     fig, axes = plt.subplots(1, len(shapes), figsize=(6.2 * len(shapes), 4.6), squeeze=False)
     for ax, (sname, s) in zip(axes[0], shapes.items()):
         res = s["results"]
+        labels = []
         for fmt, color in (("gguf", "#3b75af"), ("onnx", "#c44e52")):
             base = [r for r in res.values() if r["format"] == fmt and r["grid"] is None]
             if not base:
@@ -538,18 +539,34 @@ def plot(report: dict, png) -> None:
                 ax.scatter(r["bits_per_weight"], r["speedup"]["decode"], color=color, marker=mk,
                            facecolors="none" if r["threads"] == 1 else color, s=28)
                 if r["threads"] == max(x["threads"] for x in res.values()):
-                    ax.annotate(key.split("@")[0], (r["bits_per_weight"], r["speedup"]["decode"]), fontsize=7,
-                                xytext=(3, 3), textcoords="offset points")
+                    labels.append((key.split("@")[0], r["bits_per_weight"], r["speedup"]["decode"]))
         ax.set_xlabel("bits per weight (whole file / every parameter)")
         ax.set_ylabel("decode speed-up over the float baseline")
         ax.set_title(f"{sname} ({s['params'] / 1e6:.0f}M params; open = 1 thread, filled = 2)", fontsize=9)
         ax.set_yscale("log")
+        _place_labels(ax, labels)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"winq edge bench: {WEIGHTS_NOTE}", fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110, format="png")
     plt.close(fig)
+
+
+def _place_labels(ax, labels: list[tuple[str, float, float]], height: float = 9.0, width: float = 7.0) -> None:
+    """Annotate the points, moving a label up (in steps of one text line) while it would overlap one placed before."""
+    ax.figure.canvas.draw()  # fix the scales, so data -> pixel positions are final
+    to_px = ax.transData.transform
+    placed: list[tuple[float, float, float]] = []  # x0, x1, y of each placed label, in pixels
+    for text, x, y in sorted(labels, key=lambda t: (t[2], t[1])):
+        px, py = to_px((x, y))
+        dy = 3.0
+        x0, x1 = px + 3, px + 3 + width * len(text) * 0.6
+        while any(a < x1 and x0 < b and abs((py + dy) - yy) < height for a, b, yy in placed):
+            dy += height
+        placed.append((x0, x1, py + dy))
+        ax.annotate(text, (x, y), fontsize=7, xytext=(3, dy * 72 / ax.figure.dpi), textcoords="offset points",
+                    arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5") if dy > 3 else None)
 
 
 def write(report: dict, out_json: Path) -> tuple[Path, Path]:
