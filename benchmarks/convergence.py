@@ -243,17 +243,46 @@ def reach_step(curve: list, target: float) -> int | None:
     return next((s for s, l in curve if s > 0 and l <= target + 1e-9), None)
 
 
+def reach_step_interp(curve: list, target: float) -> float | None:
+    """The first step at which the held-out curve reaches `target`, linearly interpolated between evaluations."""
+    prev = None
+    for s, l in curve:
+        if s > 0 and l <= target + 1e-9:
+            if prev is None or prev[1] <= l:
+                return float(s)
+            return prev[0] + (s - prev[0]) * (prev[1] - target) / (prev[1] - l)
+        prev = (s, l)
+    return None
+
+
+def steps_ratio_by_target(ref_curve: list, curve: list) -> list:
+    """For each evaluation (step s, loss L) of the reference after its first: s over the (interpolated) step at
+    which `curve` first reaches L. Above 1: the method got there in fewer steps."""
+    out = []
+    for s, l in ref_curve:
+        if s <= 0:
+            continue
+        st = reach_step_interp(curve, l)
+        out.append((s, round(s / st, 4) if st else None))
+    return out
+
+
 def compare(runs: dict[str, dict], ref: str = "qat") -> dict:
-    """Steps to reach the reference's final held-out loss, and the step-time ratio, per method."""
+    """Steps to reach the reference's final held-out loss (and each of its earlier evaluations), and the step-time
+    ratio, per method."""
     q = runs[ref]
     final_step, target = q["eval_curve"][-1][0], q["final_eval_loss"]
     out = {}
     for name, r in runs.items():
         st = reach_step(r["eval_curve"], target)
+        by_target = steps_ratio_by_target(q["eval_curve"], r["eval_curve"])
+        reached = [x for _, x in by_target if x is not None]
         out[name] = {
             "final_eval_loss": r["final_eval_loss"],
             "step_reaching_qat_final": st,
             "steps_ratio_qat_over_method": (final_step / st) if st else None,
+            "steps_ratio_by_qat_eval": by_target,
+            "median_steps_ratio_over_qat_evals": statistics.median(reached) if reached else None,
             "step_time_ratio_vs_qat": (r["median_step_s"] / q["median_step_s"])
             if r["median_step_s"] and q["median_step_s"]
             else None,
@@ -832,9 +861,9 @@ def print_tables(r: dict) -> None:
         print(f"\n**{title}**\n")
         print(
             "| method | final held-out loss | step reaching QAT's final | QAT steps / that step "
-            "| resets (step: travel, lr bound) | mean flip rate after 1st reset |"
+            "| median over QAT's evaluations | resets (step: travel, lr bound) | mean flip rate after 1st reset |"
         )
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|")
         for m, run in runs.items():
             c = st["compare"][m]
             rs = (
@@ -844,7 +873,8 @@ def print_tables(r: dict) -> None:
             note = " (identical to noise-only, not run)" if run.get("implied") else ""
             print(
                 f"| {m}{note} | {_f(run['final_eval_loss'])} | {_f(c['step_reaching_qat_final'], '{}')} | "
-                f"{_f(c['steps_ratio_qat_over_method'], '{:.2f}')} | {rs} | "
+                f"{_f(c['steps_ratio_qat_over_method'], '{:.2f}')} | "
+                f"{_f(c.get('median_steps_ratio_over_qat_evals'), '{:.2f}')} | {rs} | "
                 f"{_f(run['mean_flip_rate_after_first_reset'], '{:.1e}')} |"
             )
     for setting in ("seq2", "lsq4"):
@@ -866,15 +896,17 @@ def print_tables(r: dict) -> None:
         print(f"\n**from scratch, {setting}** (per seed)\n")
         print(
             "| method | seeds | final held-out loss | step reaching QAT's final | QAT steps / method steps "
-            "| travel per interval |"
+            "| median of QAT steps / method steps over QAT's evaluations | resets | travel per interval |"
         )
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|")
         for m, v in sc.items():
             tr = " / ".join(", ".join(f"{x:.2f}" for x in t) for t in v["travel_per_interval_per_seed"])
+            rs = " / ".join(", ".join(str(x) for x in t) or "none" for t in v["resets_per_seed"])
+            med = ", ".join(_f(x, "{:.2f}") for x in v["median_steps_ratio_over_qat_evals_per_seed"])
             print(
                 f"| {m} | {v['seeds']} | {', '.join(_f(x) for x in v['final_eval_loss_per_seed'])} | "
                 f"{', '.join(_f(x, '{}') for x in v['step_reaching_qat_final_per_seed'])} | "
-                f"{', '.join(_f(x, '{:.2f}') for x in v['steps_ratio_per_seed'])} | {tr} |"
+                f"{', '.join(_f(x, '{:.2f}') for x in v['steps_ratio_per_seed'])} | {med} | {rs} | {tr} |"
             )
     costs = {"1": r["cost"]} if "cost" in r else {}
     costs.update(r.get("cost_threads", {}))
