@@ -406,3 +406,19 @@ def test_travel_trigger_that_never_fires_is_exactly_noise_only(tiny_llama, text_
     assert not any(r["reset"] for r in a.records + b.records)
     assert [r["loss"] for r in a.records] == [r["loss"] for r in b.records]
     assert [r["travel"] for r in a.records] == [r["travel"] for r in b.records]
+
+
+def test_convergence_steps_ratio_interpolates_between_evaluations():
+    from benchmarks.convergence import compare, reach_step_interp, steps_ratio_by_target
+
+    qat = [(0, 9.0), (100, 6.0), (200, 5.0)]
+    fast = [(0, 9.0), (100, 5.5), (200, 4.9)]
+    assert reach_step_interp(fast, 5.0) == pytest.approx(100 + 100 * 0.5 / 0.6)
+    assert reach_step_interp(fast, 5.8) == 100.0  # already there at the first evaluation after 0
+    assert reach_step_interp(qat, 4.0) is None
+    assert steps_ratio_by_target(qat, fast) == [(100, 1.0), (200, pytest.approx(200 / (100 + 100 * 0.5 / 0.6), abs=1e-4))]
+    assert steps_ratio_by_target(fast, qat) == [(100, round(100 / 150, 4)), (200, None)]
+    run = lambda c: {"eval_curve": c, "final_eval_loss": c[-1][1], "median_step_s": 1.0}  # noqa: E731
+    cmp = compare({"qat": run(qat), "fast": run(fast)})
+    assert cmp["qat"]["median_steps_ratio_over_qat_evals"] == 1.0
+    assert cmp["fast"]["step_reaching_qat_final"] == 200 and cmp["fast"]["median_steps_ratio_over_qat_evals"] > 1
