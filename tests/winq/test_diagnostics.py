@@ -416,8 +416,8 @@ def test_convergence_steps_ratio_interpolates_between_evaluations():
     assert reach_step_interp(fast, 5.0) == pytest.approx(100 + 100 * 0.5 / 0.6)
     assert reach_step_interp(fast, 5.8) == pytest.approx(100 * 3.2 / 3.5)  # between the step-0 and step-100 evals
     assert reach_step_interp(qat, 4.0) is None
-    want = 200 / (100 + 100 * 0.5 / 0.6)
-    assert steps_ratio_by_target(qat, fast) == [(100, 1.0), (200, pytest.approx(want, abs=1e-4))]
+    want = [(100, round(100 / (100 * 3 / 3.5), 4)), (200, pytest.approx(200 / (100 + 100 * 0.5 / 0.6), abs=1e-4))]
+    assert steps_ratio_by_target(qat, fast) == want
     assert steps_ratio_by_target(fast, qat) == [(100, round(100 / 150, 4)), (200, None)]  # qat reaches 5.5 at 150
     run = lambda c: {"eval_curve": c, "final_eval_loss": c[-1][1], "median_step_s": 1.0}  # noqa: E731
     cmp = compare({"qat": run(qat), "fast": run(fast)})
