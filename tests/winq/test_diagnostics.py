@@ -409,7 +409,7 @@ def test_travel_trigger_that_never_fires_is_exactly_noise_only(tiny_llama, text_
 
 
 def test_convergence_steps_ratio_interpolates_between_evaluations():
-    from benchmarks.convergence import compare, reach_step_interp, steps_ratio_by_target
+    from winq.benchmarks.convergence import compare, reach_step_interp, steps_ratio_by_target
 
     qat = [(0, 9.0), (100, 6.0), (200, 5.0)]
     fast = [(0, 9.0), (100, 5.5), (200, 4.9)]
