@@ -104,7 +104,7 @@ def train(
     ] = "travel",
     reinit_travel: Annotated[
         float, typer.Option("--reinit-travel", help="travel trigger: mean |W - W_at_reset| in median steps")
-    ] = 0.5,
+    ] = 1.0,
     reinit_flip: Annotated[
         float, typer.Option("--reinit-flip", help="plateau trigger: smoothed flip rate / its peak since the last reset")
     ] = 0.1,

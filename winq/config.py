@@ -61,7 +61,7 @@ class TrainConfig:
     # (the reference's ratio)
     reinit_every: int | str = "auto"
     reinit_trigger: str = "travel"  # with reinit_every="auto": travel | plateau (winq.schedule)
-    reinit_travel: float = 0.5  # travel trigger: reset when mean |W - W_reset| reaches this many median steps
+    reinit_travel: float = 1.0  # travel trigger: reset when mean |W - W_reset| reaches this many median steps
     reinit_flip: float = 0.1  # plateau trigger: reset when the smoothed flip rate falls to this share of its peak
     reinit_min_steps: int = 10  # adaptive triggers: never sooner than this many steps after the last reset
     reinit_alpha: float = 0.2  # W <- a W + (1 - a) Q(W)
