@@ -423,3 +423,22 @@ def test_convergence_steps_ratio_interpolates_between_evaluations():
     cmp = compare({"qat": run(qat), "fast": run(fast)})
     assert cmp["qat"]["median_steps_ratio_over_qat_evals"] == 1.0
     assert cmp["fast"]["step_reaching_qat_final"] == 200 and cmp["fast"]["median_steps_ratio_over_qat_evals"] > 1
+
+
+def test_noise_fills_beside_the_forward_only_when_torch_leaves_a_core_free(monkeypatch):
+    a, b = _two_chunk_net()
+    src = NoiseSource(torch.nn.Sequential(a, b), seed=1)
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setattr("winq.noise.os.cpu_count", lambda: 4)
+        torch.set_num_threads(2)
+        assert src._beside()
+        torch.set_num_threads(4)
+        assert not src._beside()
+        src.background = True
+        assert src._beside()
+        src.background = False
+        torch.set_num_threads(1)
+        assert not src._beside()
+    finally:
+        torch.set_num_threads(threads)
