@@ -840,6 +840,7 @@ def scratch_phase(a, result: dict) -> dict:
                 "final_eval_loss_per_seed": [c["final_eval_loss"] for c in cmp],
                 "step_reaching_qat_final_per_seed": [c["step_reaching_qat_final"] for c in cmp],
                 "steps_ratio_per_seed": [c["steps_ratio_qat_over_method"] for c in cmp],
+                "median_steps_ratio_over_qat_evals_per_seed": [c["median_steps_ratio_over_qat_evals"] for c in cmp],
                 "step_time_ratio_per_seed": [c["step_time_ratio_vs_qat"] for c in cmp],
                 "travel_per_interval_per_seed": [r["travel_per_interval"] for r in run],
                 "resets_per_seed": [[x["step"] for x in r["resets"]] for r in run],
