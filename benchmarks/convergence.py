@@ -494,6 +494,13 @@ def plot(result: dict, path: Path) -> None:
                 ax.axvline(rs["step"], color=c, ls=":", lw=0.6, alpha=0.6)
                 ax2.axvline(rs["step"], color=c, ls=":", lw=0.6, alpha=0.6)
         ax.set_title(title, fontsize=9)
+        if title.startswith("from scratch"):  # the loss falls from 9.3: show the last three quarters, where they differ
+            last = max(s for r in study["runs"].values() for s, _ in r["eval_curve"])
+            ys = [y for r in study["runs"].values() for s, y in r["eval_curve"] if s >= last / 4]
+            ax.set_ylim(min(ys) - 0.01, max(ys) + 0.01)
+            ax.set_xlim(last / 4, last * 1.01)
+            short = title.replace(" (small model's architecture)", "").replace(", lr 0.003, 2000 steps", "")
+            ax.set_title(f"{short}, steps {int(last / 4)}-{last}", fontsize=9)
         ax.set_ylabel("held-out loss (nats)")
         ax.legend(fontsize=6)
         ax2.set_xlabel("optimizer step")
