@@ -412,6 +412,8 @@ def cross_check(shape: dict, types: list[str], threads: list[int], seed: int, pr
 
 
 RUNTIME_DSOS = ("ggml", "llama")  # llama.cpp's shared libraries (libggml-cpu, libggml-base, libllama)
+PERF_FREQ = 499  # perf record -F: samples per second (a tiny model's decode needs more to be seen at all)
+PERF_PERCENT_LIMIT = 0.02  # perf report rows below this share of all samples are left out
 
 
 def perf_profile(kind: str, artifact: Path, ids: list[int], threads: int, level, gen_tokens: int,
@@ -431,12 +433,12 @@ def perf_profile(kind: str, artifact: Path, ids: list[int], threads: int, level,
         idf.write_text(json.dumps(ids[:16]))
         cmd = worker_command(kind, artifact, idf, gen_tokens, 1, threads, accuracy_level=level, warmup_gen=1)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        r = subprocess.run(["perf", "record", "-F", "499", "-o", str(data), "--", *cmd], capture_output=True,
-                           text=True, env=env)
+        r = subprocess.run(["perf", "record", "-F", str(PERF_FREQ), "-o", str(data), "--", *cmd],
+                           capture_output=True, text=True, env=env)
         if r.returncode != 0:
             return {"run": False, "reason": f"perf record failed: {(r.stderr or '').strip()[-300:]}"}
         rep = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--sort", "dso,sym", "--percent-limit",
-                              "0.02"], capture_output=True, text=True)
+                              str(PERF_PERCENT_LIMIT)], capture_output=True, text=True)
     rows, by_dso = [], {}
     for line in rep.stdout.splitlines():
         parts = line.split()
@@ -448,7 +450,7 @@ def perf_profile(kind: str, artifact: Path, ids: list[int], threads: int, level,
     total = sum(x["pct"] for x in mine) or 1.0
     for x in mine:
         x["runtime_pct"] = 100 * x["pct"] / total
-    return {"run": True, "tool": "perf record -F 499; perf report --sort dso,sym",
+    return {"run": True, "tool": f"perf record -F {PERF_FREQ}; perf report --sort dso,sym",
             "note": "whole worker process (Python start-up, load, a 16-token prefill, the decode steps)",
             "runtime_share_pct": sum(x["pct"] for x in mine),
             "by_dso": dict(sorted(by_dso.items(), key=lambda kv: -kv[1])[:8]), "top": mine[:top]}
