@@ -216,12 +216,16 @@ def summarise_run(recs: list[dict]) -> dict:
                 travel_per_interval.append(r["travel"])
                 lr_travel_per_interval.append(r["lr_travel"])
     keys = ("flip_rate", "flips_since_reset", "oscillation", "boundary_margin", "travel", "lr_travel")
+    stride = max(1, -(-len(steps) // 500))
+    kept = [r for i, r in enumerate(steps) if i % stride == 0 or r.get("reset") or i == len(steps) - 1]
     return {
         "eval_curve": ev,
         "final_eval_loss": ev[-1][1] if ev else None,
         "final_ppl": math.exp(ev[-1][1]) if ev else None,
-        "train_curve": [(r["step"], r["loss"]) for r in steps],
-        "diagnostics": {k: [(r["step"], r[k]) for r in steps if k in r] for k in keys},
+        # the stored per-step curves: at most ~500 points a run (every step up to 500 steps); the summaries above and
+        # below use every step
+        "train_curve": [(r["step"], r["loss"]) for r in kept],
+        "diagnostics": {k: [(r["step"], r[k]) for r in kept if k in r] for k in keys},
         "mean_flip_rate_after_first_reset": (
             statistics.mean(
                 [r["flip_rate"] for r in steps if "flip_rate" in r and resets and r["step"] > resets[0]["step"]]
