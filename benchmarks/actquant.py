@@ -1,4 +1,4 @@
-"""Does training on llama.cpp's activation quantizers lower llama.cpp's perplexity? (issue 15)
+"""Does training on llama.cpp's activation quantizers lower llama.cpp's perplexity?
 
 For each bit width, the default model is trained twice with the same seed, data, steps and lr: once with float
 activations (`--act-quant none`) and once with the activation quantizers llama.cpp's CPU backend will apply to the

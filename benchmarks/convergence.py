@@ -18,7 +18,7 @@ travel, lr_travel) and the study compares, with the same seed, data order, sched
   phase 3  on the default model, where 2-bit quantization is what QAT must recover: qat, winq,
            reset-only (noise 0), noise-only (no reset), winq-travel and winq-plateau
            (--reinit-every auto), 2-bit seq x 2 seeds and 4-bit lsq, at lr 1e-3 (where QAT did best
-           among 1e-4 / 1e-3 in the issue's probes), plus qat vs winq at the other swept lrs
+           among 1e-4 / 1e-3 in earlier probe runs), plus qat vs winq at the other swept lrs
 
 Runs go through `winq train` as subprocesses, `--workers` at a time with `--threads` torch
 threads each (QAT and WinQ of a setting side by side, so their step times see the same load).
@@ -513,7 +513,7 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--workdir", default="runs/convergence")
@@ -541,7 +541,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help=argparse.SUPPRESS)
     ap.add_argument("--seq-len", type=int, default=256, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    a = parse_args()
     if a.cost_worker:
         return cost_worker(a.cost_worker, a.steps, a.seq_len, a.threads, a.workdir)
     if a.tables:
@@ -566,8 +570,26 @@ def main() -> None:
         f"{p['threads'] or 'default'} torch threads each",
         "studies": {},
     }
+    default_phase(a, result, skip, small)
+    if "small" in skip:
+        return finish(result, a, t0)
+    pre = json.loads(Path(small, "pretrain.json").read_text())
+    result["small_model"] = {"path": "benchmarks/small_model.py", **pre}
+    sweep_phase(a, result, small)
+    ablation_phase(a, result)
+    if "scratch" not in skip:
+        result["scratch"] = scratch_phase(a, result)
+    finish(result, a, t0)
 
-    # phase 1: step cost and today's regime on the default model, beside the small model's pretraining
+
+def _done(j: dict) -> bool:
+    """Has the job's run finished (with --summarize-only, unfinished runs are left out)?"""
+    return j.get("records") is not None
+
+
+def default_phase(a, result: dict, skip: set, small: str) -> None:
+    """Phase 1: step cost and today's regime on the default model, beside the small model's pretraining."""
+    p = a.p
     jobs1 = []
     if "small" not in skip:
         jobs1.append(
@@ -621,12 +643,11 @@ def main() -> None:
             "runs": runs,
             "compare": compare(runs),
         }
-    if "small" in skip:
-        return finish(result, a, t0)
-    pre = json.loads(Path(small, "pretrain.json").read_text())
-    result["small_model"] = {"path": "benchmarks/small_model.py", **pre}
 
-    # phase 2: lr sweep, qat vs winq, 2-bit seq, small model
+
+def sweep_phase(a, result: dict, small: str) -> None:
+    """Phase 2: lr sweep, qat vs winq, 2-bit seq, small model."""
+    p = a.p
     sweep = {}
     jobs2 = []
     for lr in p["lrs"]:
@@ -661,9 +682,37 @@ def main() -> None:
         result["studies"][f"small model, 2-bit seq, lr {lr:g} (sweep)"] = {"model": "ptb-small", **sweep_res[f"{lr:g}"]}
     log(f"best QAT lr: {best}")
 
-    # phase 3: the ablation on the default model (its quantization error is what QAT must recover; the small
-    # model loses almost nothing to 2-bit weights), 2-bit x 2 seeds and 4-bit x 1 seed, plus qat vs winq at
-    # the other lrs of the default-model sweep
+
+ABLATION_ORDER = (("seq2", 0), ("lsq4", 0), ("seq2", 1))  # (setting, seed) of phase 3's ablation
+
+
+def ablation_phase(a, result: dict) -> None:
+    """Phase 3: the ablation on the default model (its quantization error is what QAT must recover; the small
+    model loses almost nothing to 2-bit weights), 2-bit x 2 seeds and 4-bit x 1 seed, plus qat vs winq at the
+    other lrs of the default-model sweep."""
+    p = a.p
+    lr3 = p["abl_lr"]
+    abl, dsweep, jobs3 = ablation_jobs(a)
+    run_jobs(jobs3, a)
+    default_lr_sweep(a, result, abl, dsweep)
+    ablation, missing = {}, [j["name"] for j in jobs3 if not _done(j)]
+    for setting in ("seq2", "lsq4"):
+        ablation[setting] = ablation_summary(a, result, abl, setting)
+    result["ablation"] = {
+        "model": "smollm2-135m (built-in)",
+        "lr": lr3,
+        "steps": p["abl_steps"],
+        "seq_len": p["abl_seq"],
+        "batch_size": 1,
+        **ablation,
+        "not_run": missing,
+    }
+
+
+def ablation_jobs(a) -> tuple[dict, dict, list]:
+    """Phase 3's jobs: ({(setting, method, seed): job}, {(lr, method): job} of the extra lrs, every job in the order
+    they run)."""
+    p = a.p
     lr3 = p["abl_lr"]
     jobs3, abl = [], {}
 
@@ -674,7 +723,7 @@ def main() -> None:
             a, name, setting, method, lr, seed, None, steps, p["abl_seq"], p["abl_eval_every"], p["abl_eval_batches"]
         )
 
-    order = (("seq2", 0), ("lsq4", 0), ("seq2", 1))
+    order = ABLATION_ORDER
     for setting, seed in order:
         for method in METHODS:
             abl[(setting, method, seed)] = ajob(setting, method, lr3, seed)
@@ -694,11 +743,17 @@ def main() -> None:
         for method in ("qat", "winq"):
             dsweep[(lr, method)] = j = ajob("seq2", method, lr, 0)
             jobs3.append(j)
-    run_jobs(jobs3, a)
-    done = lambda j: j.get("records") is not None  # noqa: E731 - with --summarize-only, unfinished runs are left out
+    return abl, dsweep, jobs3
+
+
+def default_lr_sweep(a, result: dict, abl: dict, dsweep: dict) -> None:
+    """qat vs winq on the default model at the ablation's lr and the extra lrs: result["lr_sweep_default_model"]
+    and a study per extra lr."""
+    p = a.p
+    lr3 = p["abl_lr"]
     dres = {f"{lr3:g}": {m: summarise_run(abl[("seq2", m, 0)]["records"]) for m in ("qat", "winq")}}
     for lr in p["abl_lrs_extra"]:
-        if all(done(dsweep[(lr, m)]) for m in ("qat", "winq")):
+        if all(_done(dsweep[(lr, m)]) for m in ("qat", "winq")):
             dres[f"{lr:g}"] = {m: summarise_run(dsweep[(lr, m)]["records"]) for m in ("qat", "winq")}
     result["lr_sweep_default_model"] = {
         "setting": "seq2",
@@ -711,57 +766,49 @@ def main() -> None:
         if f"{lr:g}" in dres:
             runs = dres[f"{lr:g}"]
             result["studies"][f"default model, 2-bit seq, lr {lr:g} (sweep)"] = {"runs": runs, "compare": compare(runs)}
-    ablation, missing = {}, [j["name"] for j in jobs3 if not done(j)]
-    for setting in ("seq2", "lsq4"):
-        seeds = [sd for st, sd in order if st == setting]
-        per_seed = {}
-        for seed in seeds:
-            runs = {
-                m: summarise_run(abl[(setting, m, seed)]["records"]) for m in METHODS if done(abl[(setting, m, seed)])
-            }
-            if "qat" not in runs:
-                continue
-            for m in runs:
-                if abl[(setting, m, seed)].get("implied"):
-                    runs[m]["implied"] = abl[(setting, m, seed)]["implied"]
-            per_seed[seed] = {"runs": runs, "compare": compare(runs)}
-            title = f"default model, {setting}, lr {lr3:g}, {p['abl_steps'][setting]} steps, seed {seed} (ablation)"
-            result["studies"][title] = per_seed[seed]
-        summary = {}
-        for m in METHODS:
-            ss = [sd for sd in per_seed if m in per_seed[sd]["runs"]]
 
-            def cmp(sd, m=m):
-                return per_seed[sd]["compare"][m]
 
-            def run(sd, m=m):
-                return per_seed[sd]["runs"][m]
+def ablation_summary(a, result: dict, abl: dict, setting: str) -> dict:
+    """One setting's ablation: a study per seed in result["studies"], and per method its figures over the seeds."""
+    p = a.p
+    lr3 = p["abl_lr"]
+    seeds = [sd for st, sd in ABLATION_ORDER if st == setting]
+    per_seed = {}
+    for seed in seeds:
+        runs = {
+            m: summarise_run(abl[(setting, m, seed)]["records"]) for m in METHODS if _done(abl[(setting, m, seed)])
+        }
+        if "qat" not in runs:
+            continue
+        for m in runs:
+            if abl[(setting, m, seed)].get("implied"):
+                runs[m]["implied"] = abl[(setting, m, seed)]["implied"]
+        per_seed[seed] = {"runs": runs, "compare": compare(runs)}
+        title = f"default model, {setting}, lr {lr3:g}, {p['abl_steps'][setting]} steps, seed {seed} (ablation)"
+        result["studies"][title] = per_seed[seed]
+    summary = {}
+    for m in METHODS:
+        ss = [sd for sd in per_seed if m in per_seed[sd]["runs"]]
 
-            summary[m] = {
-                "seeds": ss,
-                "steps_ratio_per_seed": [cmp(sd)["steps_ratio_qat_over_method"] for sd in ss],
-                "step_reaching_qat_final_per_seed": [cmp(sd)["step_reaching_qat_final"] for sd in ss],
-                "final_eval_loss_per_seed": [cmp(sd)["final_eval_loss"] for sd in ss],
-                "step_time_ratio_per_seed": [cmp(sd)["step_time_ratio_vs_qat"] for sd in ss],
-                "travel_per_interval_per_seed": [run(sd)["travel_per_interval"] for sd in ss],
-                "lr_travel_per_interval_per_seed": [run(sd)["lr_travel_per_interval"] for sd in ss],
-                "resets_per_seed": [[r["step"] for r in run(sd)["resets"]] for sd in ss],
-                "mean_flip_rate_after_first_reset_per_seed": [run(sd)["mean_flip_rate_after_first_reset"] for sd in ss],
-                "mean_flip_rate_per_seed": [run(sd)["mean_flip_rate"] for sd in ss],
-            }
-        ablation[setting] = summary
-    result["ablation"] = {
-        "model": "smollm2-135m (built-in)",
-        "lr": lr3,
-        "steps": p["abl_steps"],
-        "seq_len": p["abl_seq"],
-        "batch_size": 1,
-        **ablation,
-        "not_run": missing,
-    }
-    if "scratch" not in skip:
-        result["scratch"] = scratch_phase(a, result)
-    finish(result, a, t0)
+        def cmp(sd, m=m):
+            return per_seed[sd]["compare"][m]
+
+        def run(sd, m=m):
+            return per_seed[sd]["runs"][m]
+
+        summary[m] = {
+            "seeds": ss,
+            "steps_ratio_per_seed": [cmp(sd)["steps_ratio_qat_over_method"] for sd in ss],
+            "step_reaching_qat_final_per_seed": [cmp(sd)["step_reaching_qat_final"] for sd in ss],
+            "final_eval_loss_per_seed": [cmp(sd)["final_eval_loss"] for sd in ss],
+            "step_time_ratio_per_seed": [cmp(sd)["step_time_ratio_vs_qat"] for sd in ss],
+            "travel_per_interval_per_seed": [run(sd)["travel_per_interval"] for sd in ss],
+            "lr_travel_per_interval_per_seed": [run(sd)["lr_travel_per_interval"] for sd in ss],
+            "resets_per_seed": [[r["step"] for r in run(sd)["resets"]] for sd in ss],
+            "mean_flip_rate_after_first_reset_per_seed": [run(sd)["mean_flip_rate_after_first_reset"] for sd in ss],
+            "mean_flip_rate_per_seed": [run(sd)["mean_flip_rate"] for sd in ss],
+        }
+    return summary
 
 
 def scratch_phase(a, result: dict) -> dict:
@@ -791,6 +838,26 @@ def scratch_phase(a, result: dict) -> dict:
         a,
     )
     steps, lr = p["scratch_steps"], p["scratch_lr"]
+    order, jobs = scratch_jobs(a, init)
+    run_jobs([jobs[k] for k in order], a)
+    out = {
+        "model": "ptb-small architecture (benchmarks/small_model.py), random init, PTB word tokenizer",
+        "lr": lr,
+        "steps": steps,
+        "seq_len": p["seq_len"],
+        "batch_size": p["scratch_batch"],
+        "travel_trigger": p["scratch_travel"],
+        "not_run": [j["name"] for j in jobs.values() if not _done(j)],
+    }
+    for setting in ("seq2", "lsq4"):
+        out[setting] = scratch_summary(a, result, order, jobs, setting)
+    return out
+
+
+def scratch_jobs(a, init: str) -> tuple[list, dict]:
+    """Phase 4's jobs: ([(setting, method, seed) in the order they run], {key: job})."""
+    p = a.p
+    steps, lr = p["scratch_steps"], p["scratch_lr"]
 
     def sjob(setting, method, seed):
         j = job(
@@ -814,51 +881,44 @@ def scratch_phase(a, result: dict) -> dict:
     order = [("seq2", m, sd) for sd in (0, 1) for m in headline]
     order += [("lsq4", "qat", 0), ("lsq4", "winq", 0), ("seq2", "reset-only", 0), ("seq2", "noise-only", 0)]
     order += [("lsq4", "winq-travel", 0)]
-    jobs = {key: sjob(*key) for key in order}
-    run_jobs([jobs[k] for k in order], a)
-    done = lambda j: j.get("records") is not None  # noqa: E731
-    out = {
-        "model": "ptb-small architecture (benchmarks/small_model.py), random init, PTB word tokenizer",
-        "lr": lr,
-        "steps": steps,
-        "seq_len": p["seq_len"],
-        "batch_size": p["scratch_batch"],
-        "travel_trigger": p["scratch_travel"],
-        "not_run": [j["name"] for j in jobs.values() if not done(j)],
-    }
-    for setting in ("seq2", "lsq4"):
-        per_seed = {}
-        for seed in (0, 1):
-            runs = {
-                k[1]: summarise_run(jobs[k]["records"])
-                for k in order
-                if k[0] == setting and k[2] == seed and done(jobs[k])
-            }
-            if "qat" not in runs:
-                continue
-            per_seed[seed] = {"runs": runs, "compare": compare(runs)}
-            title = f"from scratch (small model's architecture), {setting}, lr {lr:g}, {steps} steps, seed {seed}"
-            result["studies"][title] = {"model": "ptb-small architecture, random init", **per_seed[seed]}
-        summary = {}
-        for m in METHODS:
-            ss = [sd for sd in per_seed if m in per_seed[sd]["runs"]]
-            if not ss:
-                continue
-            cmp = [per_seed[sd]["compare"][m] for sd in ss]
-            run = [per_seed[sd]["runs"][m] for sd in ss]
-            summary[m] = {
-                "seeds": ss,
-                "final_eval_loss_per_seed": [c["final_eval_loss"] for c in cmp],
-                "step_reaching_qat_final_per_seed": [c["step_reaching_qat_final"] for c in cmp],
-                "steps_ratio_per_seed": [c["steps_ratio_qat_over_method"] for c in cmp],
-                "median_steps_ratio_over_qat_evals_per_seed": [c["median_steps_ratio_over_qat_evals"] for c in cmp],
-                "step_time_ratio_per_seed": [c["step_time_ratio_vs_qat"] for c in cmp],
-                "travel_per_interval_per_seed": [r["travel_per_interval"] for r in run],
-                "resets_per_seed": [[x["step"] for x in r["resets"]] for r in run],
-                "mean_flip_rate_after_first_reset_per_seed": [r["mean_flip_rate_after_first_reset"] for r in run],
-            }
-        out[setting] = summary
-    return out
+    return order, {key: sjob(*key) for key in order}
+
+
+def scratch_summary(a, result: dict, order: list, jobs: dict, setting: str) -> dict:
+    """One setting of phase 4: a study per seed in result["studies"], and per method its figures over the seeds."""
+    p = a.p
+    steps, lr = p["scratch_steps"], p["scratch_lr"]
+    per_seed = {}
+    for seed in (0, 1):
+        runs = {
+            k[1]: summarise_run(jobs[k]["records"])
+            for k in order
+            if k[0] == setting and k[2] == seed and _done(jobs[k])
+        }
+        if "qat" not in runs:
+            continue
+        per_seed[seed] = {"runs": runs, "compare": compare(runs)}
+        title = f"from scratch (small model's architecture), {setting}, lr {lr:g}, {steps} steps, seed {seed}"
+        result["studies"][title] = {"model": "ptb-small architecture, random init", **per_seed[seed]}
+    summary = {}
+    for m in METHODS:
+        ss = [sd for sd in per_seed if m in per_seed[sd]["runs"]]
+        if not ss:
+            continue
+        cmp = [per_seed[sd]["compare"][m] for sd in ss]
+        run = [per_seed[sd]["runs"][m] for sd in ss]
+        summary[m] = {
+            "seeds": ss,
+            "final_eval_loss_per_seed": [c["final_eval_loss"] for c in cmp],
+            "step_reaching_qat_final_per_seed": [c["step_reaching_qat_final"] for c in cmp],
+            "steps_ratio_per_seed": [c["steps_ratio_qat_over_method"] for c in cmp],
+            "median_steps_ratio_over_qat_evals_per_seed": [c["median_steps_ratio_over_qat_evals"] for c in cmp],
+            "step_time_ratio_per_seed": [c["step_time_ratio_vs_qat"] for c in cmp],
+            "travel_per_interval_per_seed": [r["travel_per_interval"] for r in run],
+            "resets_per_seed": [[x["step"] for x in r["resets"]] for r in run],
+            "mean_flip_rate_after_first_reset_per_seed": [r["mean_flip_rate_after_first_reset"] for r in run],
+        }
+    return summary
 
 
 def _f(x, fmt="{:.3f}") -> str:

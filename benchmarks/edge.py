@@ -387,7 +387,7 @@ def cross_check(shape: dict, types: list[str], threads: list[int], seed: int, pr
                 repeats: int, bench_res: dict, say) -> dict:
     """llama.cpp's own llama-bench on the f16 and q4_0 files (when built), beside winq bench's figures."""
     try:
-        from winq.runtime.llamabench import find_llama_bench, run_llama_bench
+        from winq.runtime.llama_bench_run import find_llama_bench, run_llama_bench
         find_llama_bench()
     except Exception as e:  # noqa: BLE001 - the cross-check is optional; say why it did not run
         return {"run": False, "reason": f"{type(e).__name__}: {e}"}

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from winq import QuantConfig, TrainConfig
-from winq.analysis import HessianOperator, fixed_batches, model_spectrum, plot_density, spectrum, write_json
+from winq.hessian import HessianOperator, fixed_batches, model_spectrum, plot_density, spectrum, write_json
 from winq.checkpoint import load_checkpoint
 from winq.data import token_ids
 from winq.models import load_base_model
@@ -57,7 +57,7 @@ def fp_spectrum(model, batches, **kw):
     return s
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="local HF model folder (default: the built-in default model)")
     ap.add_argument("--data", default="ptb")
@@ -73,7 +73,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/hessian.json")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     kw = dict(top_k=args.top_k, probes=args.probes, steps=args.steps, seed=args.seed)
@@ -89,31 +93,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for bits in [int(b) for b in args.bits.split(",")]:
             name = f"{SETTINGS[bits]}{bits}"
-            out = Path(tmp) / name
-            tcfg = TrainConfig(
-                method="qat", steps=args.qat_steps, lr=args.lr, seq_len=args.seq_len, batch_size=1, seed=args.seed
-            )
-            res = train(
-                args.model,
-                args.data,
-                QuantConfig(bits=bits, grid=SETTINGS[bits]),
-                tcfg,
-                out,
-                progress=False,
-                threads=args.threads,
-                hessian_every=args.hessian_every,
-                hessian_options={**kw, "batches": args.batches, "batch_size": 1, "seq_len": args.seq_len},
-            )
-            trajectories[name] = [
-                {"step": r["step"], "loss": r["loss"], **r["hessian"]} for r in res.records if "hessian" in r
-            ]
-            model, _, _ = load_checkpoint(out)
-            model.config.use_cache = False
-            summaries[f"{name} qat (before reset)"] = model_spectrum(model, batches, **kw)
-            winq_reinit(model, 0.2)
-            summaries[f"{name} after reset"] = model_spectrum(model, batches, **kw)
-            for k in (f"{name} qat (before reset)", f"{name} after reset"):
-                print(f"{k}: {summaries[k].brief()}", flush=True)
+            trajectories[name] = qat_spectra(args, bits, Path(tmp) / name, batches, kw, summaries)
 
     outp = Path(args.out)
     write_json(
@@ -128,26 +108,60 @@ def main(argv=None) -> int:
     )
     plot_density(summaries, outp.with_suffix(".png"), title="Hessian density: fp32, QAT, after one WinQ reset")
     if trajectories:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-        for name, tr in trajectories.items():
-            steps = [r["step"] for r in tr]
-            axes[0].plot(steps, [r["loss"] for r in tr], "o-", label=name)
-            axes[1].plot(steps, [r["lambda_max"] for r in tr], "o-", label=name)
-            axes[2].plot(steps, [r["near_zero"] for r in tr], "o-", label=name)
-        for ax, t in zip(axes, ("train loss", "lambda_max", "near-zero share")):
-            ax.set_title(t)
-            ax.set_xlabel("QAT step")
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(outp.with_name(outp.stem + "-trajectory.png"), dpi=120)
-        plt.close(fig)
+        plot_trajectories(trajectories, outp.with_name(outp.stem + "-trajectory.png"))
     print(f"wrote {outp} ({time.time() - t0:.0f} s)")
     return 0
+
+
+def qat_spectra(args, bits: int, out: Path, batches, kw: dict, summaries: dict) -> list[dict]:
+    """QAT at `bits` into `out` with a Hessian summary every --hessian-every steps (the trajectory, returned); the
+    spectra of the trained model before and after one WinQ reset go into `summaries`."""
+    name = f"{SETTINGS[bits]}{bits}"
+    tcfg = TrainConfig(
+        method="qat", steps=args.qat_steps, lr=args.lr, seq_len=args.seq_len, batch_size=1, seed=args.seed
+    )
+    res = train(
+        args.model,
+        args.data,
+        QuantConfig(bits=bits, grid=SETTINGS[bits]),
+        tcfg,
+        out,
+        progress=False,
+        threads=args.threads,
+        hessian_every=args.hessian_every,
+        hessian_options={**kw, "batches": args.batches, "batch_size": 1, "seq_len": args.seq_len},
+    )
+    trajectory = [{"step": r["step"], "loss": r["loss"], **r["hessian"]} for r in res.records if "hessian" in r]
+    model, _, _ = load_checkpoint(out)
+    model.config.use_cache = False
+    summaries[f"{name} qat (before reset)"] = model_spectrum(model, batches, **kw)
+    winq_reinit(model, 0.2)
+    summaries[f"{name} after reset"] = model_spectrum(model, batches, **kw)
+    for k in (f"{name} qat (before reset)", f"{name} after reset"):
+        print(f"{k}: {summaries[k].brief()}", flush=True)
+    return trajectory
+
+
+def plot_trajectories(trajectories: dict, png: Path) -> None:
+    """Train loss, lambda_max and the near-zero share along each QAT run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for name, tr in trajectories.items():
+        steps = [r["step"] for r in tr]
+        axes[0].plot(steps, [r["loss"] for r in tr], "o-", label=name)
+        axes[1].plot(steps, [r["lambda_max"] for r in tr], "o-", label=name)
+        axes[2].plot(steps, [r["near_zero"] for r in tr], "o-", label=name)
+    for ax, t in zip(axes, ("train loss", "lambda_max", "near-zero share")):
+        ax.set_title(t)
+        ax.set_xlabel("QAT step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ import time
 from pathlib import Path
 
 from winq.errors import ConfigError, WinqError
-from winq.runtime.llamabench import (BUILD_INFO, LLAMA_CPP_PYTHON, build_root, default_binary, find_llama_bench,
-                                     run_llama_bench)
+from winq.runtime.llama_bench_run import (BUILD_INFO, LLAMA_CPP_PYTHON, build_root, default_binary,
+                                          find_llama_bench, run_llama_bench)
 
 PACKAGE = "llama-cpp-python"
 SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"

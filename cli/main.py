@@ -11,81 +11,58 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-app = typer.Typer(
-    name="winq",
-    help="WinQ quantization-aware training for Hugging Face causal LMs, exported bit-exactly.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-err = Console(stderr=True, soft_wrap=True)  # one error, one line, also in logs
-out = Console(soft_wrap=True)
+from winq.config import QuantConfig, TrainConfig
+from winq.data import DEFAULT_DATA
 
-# options shared by several commands
-ModelOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--model", help="local Hugging Face model folder; default: the built-in SmolLM2-135M-Instruct (Q4_1 weights)"
-    ),
-]
-DataOpt = Annotated[str, typer.Option("--data", help="ptb | sotu | a .txt/.jsonl file or folder")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default: torch's choice)")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of a table")]
+from .common import DataOpt, JsonOpt, ModelOpt, ThreadsOpt, _run, app, backend_help, err, note, out
 
 
-def _fail(e) -> None:
-    """One red `error:` line with the message printed literally (rich would take `[onnx]` for markup)."""
-    err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True)
-    raise typer.Exit(1)
-
-
-def note(text: str, style: str = "yellow", label: str = "note:") -> None:
-    """A styled label and a literal message on stderr."""
-    err.print(f"[{style}]{label}[/] {escape(text)}", highlight=False)
-
-
-def _run(fn, *a, **kw):
-    import logging
-
-    from winq.errors import WinqError
-
-    # optional packages pulled in by extras (torchao via gptqmodel) log import-time noise on every model load
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging  # its own progress bars and warnings would bury ours
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-    try:
-        return fn(*a, **kw)
-    except WinqError as e:
-        _fail(e)
-    except OSError as e:  # a path that cannot be read or written (e.g. an output under /proc): one line, no traceback
-        what = f"{e.filename}: " if e.filename else ""
-        _fail(f"{what}{e.strerror or e}")
+Q, T = QuantConfig(), TrainConfig()  # the one source of training defaults: every option below takes its default here
 
 
 @app.command()
 def train(
     model: ModelOpt = None,
-    data: DataOpt = "ptb",
-    bits: Annotated[int, typer.Option(help="weight bits: 1, 2, 3, 4 or 8")] = 4,
+    data: Annotated[str, typer.Option("--data", help="training text: ptb | sotu | a .txt/.jsonl file or folder | a "
+                                      "mixture a+b (the default mixes PTB news and State of the Union speeches)")]
+    = DEFAULT_DATA,
+    bits: Annotated[int, typer.Option(help="weight bits: 1, 2, 3, 4 or 8")] = Q.bits,
     grid: Annotated[
         Optional[str],
         typer.Option(
-            help="lsq | seq | ternary | binary | affine (default: seq for 2 bits, lsq for 3/4/8, binary for 1)"
+            help="lsq | seq | ternary | binary | affine | nl4 (default: seq for 2 bits, lsq for 3/4/8, binary for 1; "
+            "nl4: llama.cpp's IQ4_NL levels, group 32)"
         ),
     ] = None,
     group_size: Annotated[
-        int, typer.Option("--group-size", help="-1: one scale per row; else a divisor of every in_features")
-    ] = -1,
-    method: Annotated[str, typer.Option(help="winq (reset + noise) or qat (the ParetoQ baseline)")] = "winq",
-    steps: Annotated[int, typer.Option(help="optimizer steps")] = 30,
-    lr: Annotated[float, typer.Option(help="peak AdamW learning rate (cosine schedule, 5% warm-up)")] = 5e-5,
+        int, typer.Option("--group-size", help="weights per scale: 32 is GGUF's Q4_0/IQ4_NL/Q8_0 block (and a GPTQ "
+                          "and MatMulNBits group); -1: one scale per row; else a divisor of every in_features")
+    ] = Q.group_size,
+    init: Annotated[str, typer.Option(help="step-0 quantizer: gptq (calibrated scale search + GPTQ error "
+                                      "compensation) | search (calibrated scale search) | max (the WinQ reference: "
+                                      "max|W| per group)")] = Q.init,
+    calib_tokens: Annotated[int, typer.Option("--calib-tokens", help="calibration tokens of --init gptq/search")]
+    = Q.calib_tokens,
+    calib_data: Annotated[Optional[str], typer.Option("--calib-data", help="calibration text (default: --data)")]
+    = None,
+    embed: Annotated[str, typer.Option(help="token embeddings: q8_0 (on Q8_0's lattice and frozen: exported as Q8_0 "
+                                       "exactly, the size of llama.cpp's Q4_0 files) | float (trained, F16 in GGUF)")]
+    = Q.embed,
+    distill: Annotated[float, typer.Option(help="weight of the KL divergence to the float teacher in the loss (the "
+                                           "rest is cross-entropy): 1 pure distillation, 0 off")] = T.distill,
+    teacher: Annotated[Optional[str], typer.Option(help="teacher model folder for --distill (default: the float "
+                                                   "model being quantized); must share its vocabulary")] = None,
+    keep_best: Annotated[bool, typer.Option("--keep-best/--keep-last", help="write the evaluated state with the "
+                                            "lowest held-out KL (loss without a teacher), step 0 included")]
+    = T.keep_best,
+    method: Annotated[str, typer.Option(help="winq (reset + noise) or qat (the ParetoQ baseline)")] = T.method,
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = T.steps,
+    lr: Annotated[float, typer.Option(help="peak AdamW learning rate of the latent weights (cosine schedule, 5% "
+                                      "warm-up)")] = T.lr,
+    scale_lr: Annotated[Optional[float], typer.Option("--scale-lr", help="peak learning rate of the scales "
+                                                      "(default: --lr)")] = T.scale_lr,
     reinit_every: Annotated[
         str,
         typer.Option(
@@ -93,7 +70,7 @@ def train(
             help="when to reset: auto (when --reinit-trigger fires; the default), a period in steps, or -1 "
             "(a quarter of --steps, the reference's ratio)",
         ),
-    ] = "auto",
+    ] = str(T.reinit_every),
     reinit_trigger: Annotated[
         str,
         typer.Option(
@@ -101,33 +78,37 @@ def train(
             help="with --reinit-every auto: travel (weights moved --reinit-travel steps) "
             "or plateau (flip rate fell to --reinit-flip of its peak)",
         ),
-    ] = "travel",
+    ] = T.reinit_trigger,
     reinit_travel: Annotated[
         float, typer.Option("--reinit-travel", help="travel trigger: mean |W - W_at_reset| in median steps")
-    ] = 1.0,
+    ] = T.reinit_travel,
     reinit_flip: Annotated[
         float, typer.Option("--reinit-flip", help="plateau trigger: smoothed flip rate / its peak since the last reset")
-    ] = 0.1,
+    ] = T.reinit_flip,
     reinit_min_steps: Annotated[
         int, typer.Option("--reinit-min-steps", help="adaptive triggers: at least this many steps between resets")
-    ] = 10,
-    reinit_alpha: Annotated[float, typer.Option("--reinit-alpha", help="reset W <- a W + (1 - a) Q(W)")] = 0.2,
+    ] = T.reinit_min_steps,
+    reinit_alpha: Annotated[float, typer.Option("--reinit-alpha", help="reset W <- a W + (1 - a) Q(W)")]
+    = T.reinit_alpha,
     noise_sigma: Annotated[
         float, typer.Option("--noise-sigma", help="std of the training noise on weights and scales")
-    ] = 1e-3,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="tokens per training sequence")] = 256,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="sequences per micro-batch (per process)")] = 1,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", help="micro-batches per optimizer step")] = 1,
-    precision: Annotated[str, typer.Option(help="fp32 | bf16")] = "fp32",
-    seed: Annotated[int, typer.Option(help="random seed (data order, noise)")] = 0,
+    ] = T.noise_sigma,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="tokens per training sequence")] = T.seq_len,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="sequences per micro-batch (per process)")]
+    = T.batch_size,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="micro-batches per optimizer step")] = T.grad_accum,
+    precision: Annotated[str, typer.Option(help="fp32 | bf16")] = T.precision,
+    seed: Annotated[int, typer.Option(help="random seed (data order, noise, calibration sample)")] = T.seed,
     save_every: Annotated[
         int, typer.Option("--save-every", help="save a resumable checkpoint every N steps (0: only at the end)")
-    ] = 0,
-    eval_every: Annotated[int, typer.Option("--eval-every", help="held-out loss every N steps (0: never)")] = 0,
-    eval_batches: Annotated[int, typer.Option("--eval-batches", help="held-out batches per periodic eval")] = 8,
+    ] = T.save_every,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="held-out loss (and KL to the teacher) every N "
+                                            "steps (0: never)")] = T.eval_every,
+    eval_batches: Annotated[int, typer.Option("--eval-batches", help="held-out batches per periodic eval")]
+    = T.eval_batches,
     quantize_lm_head: Annotated[
         bool, typer.Option("--quantize-lm-head", help="quantize the output projection too")
-    ] = False,
+    ] = Q.quantize_lm_head,
     act_quant: Annotated[
         str,
         typer.Option(
@@ -138,7 +119,7 @@ def train(
             "picks for it: e.g. q8_0 for Q4_0 containers, q8_k for Q2_K); recorded in winq.json, checked by the "
             "exporters",
         ),
-    ] = "none",
+    ] = T.act_quant,
     out: Annotated[Path, typer.Option(help="checkpoint folder to write")] = Path("runs/winq"),
     resume: Annotated[bool, typer.Option(help="continue the run saved in --out (its saved settings are used)")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing checkpoint in --out")] = False,
@@ -156,14 +137,12 @@ def train(
     ] = 0,
 ):
     """Quantization-aware training (WinQ or plain QAT); writes a checkpoint folder to --out."""
-    from winq.config import QuantConfig, TrainConfig
     from winq.errors import ConfigError
     from winq.train import train as run_train
 
     def go():
-        import winq.runtime.act  # noqa: F401  (registers --act-quant llamacpp's per-layer resolver)
-
-        qcfg = QuantConfig(bits=bits, grid=grid, group_size=group_size, quantize_lm_head=quantize_lm_head)
+        qcfg = QuantConfig(bits=bits, grid=grid, group_size=group_size, quantize_lm_head=quantize_lm_head, init=init,
+                           calib_tokens=calib_tokens, embed=embed)
         try:
             every = reinit_every if reinit_every == "auto" else int(reinit_every)
         except ValueError:
@@ -174,6 +153,9 @@ def train(
             method=method,
             steps=steps,
             lr=lr,
+            scale_lr=scale_lr,
+            distill=distill,
+            keep_best=keep_best,
             reinit_every=every,
             reinit_alpha=reinit_alpha,
             reinit_trigger=reinit_trigger,
@@ -206,25 +188,14 @@ def train(
             progress=progress,
             threads=threads,
             hessian_every=hessian_every,
+            teacher=teacher,
+            calib_data=calib_data,
         )
 
     res = _run(go)
     loss = f"final loss {res.final_loss:.4f}" if res.final_loss is not None else "already complete: no steps run"
     out_msg = f"checkpoint: {res.out}  (step {res.step}, {loss}, {res.seconds:.0f} s)"
     Console().print(out_msg, highlight=False)
-
-
-def backend_help() -> str:
-    """`--backend` help from the backend registry: each name with the option that gives its artifact."""
-    from winq.errors import pip_command
-    from winq.runtime.backends import BACKENDS
-
-    def one(b) -> str:
-        opt = f"--{b.artifact}" + (f", default --{b.fallback}" if b.fallback else "")
-        return f"{b.name} ({opt}" + (f"; needs {pip_command(b.extra)}" if b.extra else "") + ")"
-
-    # help is rich markup: escaped, `pip install "winq[gptq]"` shows its [gptq]
-    return escape("comma-separated: " + " | ".join(one(b) for b in BACKENDS.values()))
 
 
 @app.command("eval")
@@ -529,7 +500,7 @@ def hessian_cmd(
     def go():
         if threads:
             torch.set_num_threads(threads)
-        from winq.analysis import checkpoint_spectrum, plot_density, write_json
+        from winq.hessian import checkpoint_spectrum, plot_density, write_json
 
         sums, meta = checkpoint_spectrum(
             checkpoint,
@@ -582,7 +553,7 @@ def hessian_cmd(
 
 
 # `winq bench` and `winq inspect` live in cli/tools.py; importing it registers them on `app`
-from winq.cli import tools as _tools  # noqa: E402,F401
+from . import tools as _tools  # noqa: E402,F401
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
-"""`winq bench` and `winq inspect` (registered on winq.cli.main.app when main is imported).
+"""`winq bench` and `winq inspect`, registered on winq.cli.common.app (cli/main.py imports this module, so
+`winq.cli.main:app` has them).
 
-Both are thin: the work is in winq.runtime.bench and winq.runtime.inspect.
+Both are thin: the work is in winq.runtime.bench and winq.runtime.inspection.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from winq.cli.main import DataOpt, JsonOpt, ModelOpt, _run, app, backend_help, err, out
+from .common import DataOpt, JsonOpt, ModelOpt, _run, app, backend_help, err, out
 
 KERNELS_MODULE = "winq.benchmarks.kernels"  # benchmarks/kernels.py, installed with winq (pyproject's package-dir)
 EDGE_MODULE = "winq.benchmarks.edge"  # benchmarks/edge.py: `winq bench --shape`
@@ -143,6 +144,11 @@ def bench_cmd(
     if as_json:
         print(json.dumps(report, indent=2))
         return
+    _print_bench(report, jpath, png)
+
+
+def _print_bench(report: dict, jpath: Path, png: Path) -> None:
+    """`winq bench`'s table: one row per backend (size, load, memory, tokens/s, speed-up over its baseline)."""
     s = report["settings"]
     t = Table(title=f"prompt {report['prompt']['tokens']} tokens ({s['data']}/{s['split']}), decode {s['gen_tokens']}, "
                     f"threads {s['threads'] or 'default'}, median of {s['repeats']}", box=box.SIMPLE_HEAD)
@@ -196,7 +202,7 @@ def inspect_cmd(
 ):
     """What an artifact holds: format, tensors and their bits, totals, the winq settings it was made
     with, and whether its verification record (winq-export.json) is present and clean."""
-    from winq.runtime.inspect import inspect_artifact
+    from winq.runtime.inspection import inspect_artifact
 
     rep = _run(inspect_artifact, artifact)
     if not tensors:

@@ -18,17 +18,17 @@ from __future__ import annotations
 import functools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from winq.errors import ConfigError
+from winq.errors import ConfigError, FormatError
 from winq.formats import gguf as G
 from winq.formats.manifest import FloatRecord, TensorRecord
 
-from . import Exporter, Source, Verified, Written, float_tensors, option, ptq, register
+from . import Exporter, Source, Verified, Written, float_tensors, keep_cost, option, register
 from .gguf_meta import SUPPORTED, add_hparams, add_tokenizer, arch_spec, config_value
 
 FILE = "model.gguf"
@@ -38,8 +38,10 @@ TYPES = ("auto", *G.ORDER)  # what --type accepts
 @dataclass(frozen=True)
 class GGUFOptions:
     type: str = option("auto", "auto (tightest exact type, default) | " + " | ".join(TYPES[1:]))
-    keep: str = option("f16", "float embeddings and float lm_head: f16 (default) | f32 | q8_0 | q6_k (post-training "
-                              "round-to-nearest, not exact: its perplexity cost is measured; norms stay f32)")
+    keep: str = option("auto", "float embeddings and float lm_head: auto (default: q8_0 when the checkpoint trained "
+                               "them on Q8_0's lattice, `winq train --embed q8_0`, stored exactly; else f16) | f16 | "
+                               "f32 | q8_0 | q6_k (of float tables: post-training round-to-nearest, not exact: its "
+                               "perplexity cost is measured; norms stay f32)")
     keep_eval_tokens: int = option(-1, "tokens of held-out text to measure the perplexity cost of --keep on: -1 auto "
                                        "(4096 for q8_0/q6_k, none for f16/f32), 0 off")
     keep_eval_data: str = option("ptb", "held-out data of that measurement (its test split): ptb | sotu | PATH")
@@ -47,9 +49,9 @@ class GGUFOptions:
     def __post_init__(self):
         if self.type not in TYPES:
             raise ConfigError(f"unknown GGUF type {self.type!r}: choose one of {', '.join(TYPES)}")
-        if self.keep not in G.KEEP:
-            raise ConfigError(f"--keep {self.keep!r} is not supported: choose one of {', '.join(G.KEEP)}")
-        ptq.eval_tokens(self.keep_eval_tokens, True)  # validates
+        if self.keep not in ("auto", *G.KEEP):
+            raise ConfigError(f"--keep {self.keep!r} is not supported: choose one of auto, {', '.join(G.KEEP)}")
+        keep_cost.eval_tokens(self.keep_eval_tokens, True)  # validates
 
 
 @functools.lru_cache(maxsize=8)
@@ -88,6 +90,35 @@ def _order(k: str):
     return group, int(m.group(1)) if m else -1, k
 
 
+def _tensor_keys(floats: dict, qws: dict, quant_names: dict, tied: bool, opt: GGUFOptions,
+                 float_weights: bool) -> list[str]:
+    """The state-dict keys the file holds (float tensors, then quantized layers), after checking that --keep can
+    store each of them: a --keep that cannot store some tensor is refused before anything is written."""
+    keys = list(floats) + [k for k in quant_names if k not in floats]
+    if tied and "lm_head.weight" in floats and "lm_head.weight" not in quant_names:
+        keys.remove("lm_head.weight")  # llama.cpp reuses token_embd when `output` is absent
+    for key in keys:
+        if key not in quant_names and "rotary_emb" not in key:
+            G.check_keep(key, floats[key].shape, opt.keep)
+        elif float_weights:
+            G.check_keep(key, qws[quant_names[key]].shape, opt.keep)
+    return keys
+
+
+def _add_quantized(w, gname: str, mod: str, qw, opt: GGUFOptions) -> tuple[str, str | None, TensorRecord]:
+    """Add one quantized layer in the type choose() picks (opt.type where it holds the layer exactly): (that type,
+    choose's note or None, the layer's record)."""
+    enc, note = G.choose(qw, opt.type, mod)
+    w.add_tensor(gname, enc.blocks, raw_dtype=G.TYPES[enc.type].ggml)
+    nbytes = int(enc.blocks.nbytes)
+    record = TensorRecord(
+        name=mod, grid=qw.grid, bits=qw.bits, container_bits=G.TYPES[enc.type].code_bits,
+        container=f"{enc.type.upper()}: {enc.container}", group_size=qw.group_size, shape=tuple(qw.shape),
+        bytes=nbytes, bits_per_weight=round(8 * nbytes / qw.codes.numel(), 4),
+    )
+    return enc.type, note, record
+
+
 def write_gguf(path: Path, model, qws: dict, tokenizer, folder: Path, opt: GGUFOptions, meta: dict | None = None,
                float_weights: bool = False) -> Written:
     """Write a complete llama.cpp model file. float_weights=True stores the quantized layers' dequantized
@@ -110,14 +141,7 @@ def write_gguf(path: Path, model, qws: dict, tokenizer, folder: Path, opt: GGUFO
     tied = bool(getattr(config, "tie_word_embeddings", False))
     quant_names = {f"{n}.weight": n for n in qws}
     records, frecs, notes, layout, kept = [], [], [], {}, {}
-    keys = list(floats) + [k for k in quant_names if k not in floats]
-    if tied and "lm_head.weight" in floats and "lm_head.weight" not in quant_names:
-        keys.remove("lm_head.weight")  # llama.cpp reuses token_embd when `output` is absent
-    for key in keys:  # a --keep that cannot store some tensor is refused before anything is written
-        if key not in quant_names and "rotary_emb" not in key:
-            G.check_keep(key, floats[key].shape, opt.keep)
-        elif float_weights:
-            G.check_keep(key, qws[quant_names[key]].shape, opt.keep)
+    keys = _tensor_keys(floats, qws, quant_names, tied, opt, float_weights)
     for key in sorted(keys, key=_order):
         gname = gguf_name(key, arch, n_blocks)
         if gname is None:
@@ -135,17 +159,11 @@ def write_gguf(path: Path, model, qws: dict, tokenizer, folder: Path, opt: GGUFO
                 arr, raw, _, _ = G.encode_float(key, qw.dequantize(), opt.keep)
                 w.add_tensor(gname, arr, raw_dtype=raw)
                 continue
-            enc, note = G.choose(qw, opt.type, mod)
+            type_, note, record = _add_quantized(w, gname, mod, qw, opt)
             if note:
                 notes.append(note)
-            w.add_tensor(gname, enc.blocks, raw_dtype=G.TYPES[enc.type].ggml)
-            nbytes = int(enc.blocks.nbytes)
-            layout[gname] = (mod, enc.type, heads)
-            records.append(TensorRecord(
-                name=mod, grid=qw.grid, bits=qw.bits, container_bits=G.TYPES[enc.type].code_bits,
-                container=f"{enc.type.upper()}: {enc.container}", group_size=qw.group_size, shape=tuple(qw.shape),
-                bytes=nbytes, bits_per_weight=round(8 * nbytes / qw.codes.numel(), 4),
-            ))
+            layout[gname] = (mod, type_, heads)
+            records.append(record)
         else:
             t = floats[key]
             if heads and t.dim() >= 1:
@@ -175,18 +193,26 @@ def write_gguf(path: Path, model, qws: dict, tokenizer, folder: Path, opt: GGUFO
 def check_act_quant(written: Written, source: Source, types: dict[str, str]) -> None:
     """Record llama.cpp's activation quantizer per layer (ggml's vec_dot_type of its GGUF type) against the
     checkpoint's --act-quant in written.info["act_quant"]; a note (a printed warning) when they differ."""
-    from winq.actplan import ActQuant, act_mismatch
-    from winq.actquant import ggml_activation_scheme
+    from winq.actplan import act_mismatch, ggml_act_quants
 
-    runtime = {}
-    for mod, t in types.items():
-        scheme = ggml_activation_scheme(t)
-        runtime[mod] = ActQuant(scheme) if scheme is not None else None
+    runtime = ggml_act_quants(types)
     trained = (source.info.get("train") or {}).get("act_quant")
     record, warning = act_mismatch(trained, runtime, "llama.cpp")
     written.info["act_quant"] = record
     if warning:
         written.notes.append(warning)
+
+
+def trained_q8_0(info: dict) -> bool:
+    """Were the checkpoint's float tables trained on Q8_0's lattice (QuantConfig.embed == "q8_0")?"""
+    return (info.get("quant") or {}).get("embed") == "q8_0"
+
+
+def resolve_keep(options: GGUFOptions, info: dict) -> GGUFOptions:
+    """--keep auto: q8_0 for tables trained on Q8_0's lattice (exact), f16 otherwise."""
+    if options.keep != "auto":
+        return options
+    return replace(options, keep="q8_0" if trained_q8_0(info) else "f16")
 
 
 @register("gguf")
@@ -198,11 +224,13 @@ class GGUFExporter(Exporter):
 
     def check(self, source: Source, options: GGUFOptions) -> None:
         """--keep must fit every float tensor it would store (write() checks the same, tensor by tensor)."""
+        options = resolve_keep(options, source.info)
         for key, t in float_tensors(source.model, source.qweights).items():
             if "rotary_emb" not in key:
                 G.check_keep(key, t.shape, options.keep)
 
     def write(self, folder: Path, source: Source, options: GGUFOptions) -> Written:
+        options = resolve_keep(options, source.info)
         meta = {"options": {"type": options.type, "keep": options.keep}, "checkpoint": str(source.checkpoint),
                 "winq": source.info}
         written = write_gguf(Path(folder) / FILE, source.model, source.qweights, source.tokenizer,
@@ -231,9 +259,10 @@ class GGUFExporter(Exporter):
         values read back from the file, the perplexity cost of using them; {} when nothing is to record."""
         opt = written.options
         keep = opt.keep
-        lossy = keep in G.KEEP_QUANT
-        n_tokens = ptq.eval_tokens(opt.keep_eval_tokens, lossy)
-        if keep == "f32" or (not lossy and n_tokens == 0) or not written.kept:
+        exact = keep == "q8_0" and trained_q8_0(reference.info)  # the tables are on Q8_0's lattice already
+        lossy = keep in G.KEEP_QUANT and not exact
+        n_tokens = keep_cost.eval_tokens(opt.keep_eval_tokens, lossy)
+        if keep == "f32" or (not lossy and not exact and n_tokens == 0) or not written.kept:
             return {}
         replaced, recs = {}, []
         for gname, (key, dt, shape) in written.kept.items():
@@ -244,14 +273,21 @@ class GGUFExporter(Exporter):
             recs.append({"name": gname, "source": key, "stored_as": dt.upper(),
                          "max_abs_err": float((replaced[key] - ref).abs().max())})
         what = f"--keep {keep} (" + ", ".join(r["name"] for r in recs) + ")"
+        if exact:
+            bad = [r for r in recs if r["max_abs_err"] != 0.0]
+            if bad:
+                raise FormatError(f"{bad[0]['name']} was trained on Q8_0's lattice but reads back with max error "
+                                  f"{bad[0]['max_abs_err']:.3g}: the checkpoint's table is not what training wrote")
+            return {"post_training": {"exact": True, "method": "trained on Q8_0's lattice (embed=q8_0): stored "
+                                      "exactly, read back with error 0", "tensors": recs}}
         method = ("gguf-py's Q8_0 quantizer (d = max|x| / 127 per 32)" if keep == "q8_0" else
                   "winq's Q6_K round-to-nearest (int8 scale per 16, float16 d per 256)" if keep == "q6_k" else
                   "float16 rounding")
         cost = None
         if n_tokens:
-            cost = ptq.measure(reference.model, reference.tokenizer, replaced, n_tokens, opt.keep_eval_data, what)
-        rec = ptq.record(method, recs, cost, None if cost else "keep_eval_tokens 0")
-        written.notes.append(ptq.note(what, rec))
+            cost = keep_cost.measure(reference.model, reference.tokenizer, replaced, n_tokens, opt.keep_eval_data, what)
+        rec = keep_cost.record(method, recs, cost, None if cost else "keep_eval_tokens 0")
+        written.notes.append(keep_cost.note(what, rec))
         return {"post_training": rec}
 
     @classmethod

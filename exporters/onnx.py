@@ -29,7 +29,7 @@ from winq.formats import onnx as F
 from winq.formats.manifest import FloatRecord, TensorRecord
 from winq.qweight import QuantizedWeight
 
-from . import Exporter, ExportError, Source, Verified, Written, copy_side_files, option, ptq, register
+from . import Exporter, ExportError, Source, Verified, Written, copy_side_files, keep_cost, option, register
 from .onnx_graph import OPSET, WRAPPED, export_float, gather_quantized, replace_matmuls, traced
 
 TWO_BIT = ("container", "float-zp")
@@ -67,7 +67,7 @@ class ONNXOptions:
                               f"float zero point 1.5, slow in onnxruntime)")
         if self.keep_head not in KEEP_HEAD:
             raise ConfigError(f"--keep-head {self.keep_head!r} is not supported: choose one of {', '.join(KEEP_HEAD)}")
-        ptq.eval_tokens(self.keep_eval_tokens, True)  # validates
+        keep_cost.eval_tokens(self.keep_eval_tokens, True)  # validates
 
 
 def check_ids(vocab_size: int, n: int = 16) -> torch.Tensor:
@@ -193,6 +193,8 @@ class ONNXExporter(Exporter):
     Options = ONNXOptions
 
     def check(self, source: Source, options: ONNXOptions) -> None:
+        for qw in source.qweights.values():  # a grid MatMulNBits cannot hold (nl4) is refused before onnx is needed
+            F.container_for(qw.grid, qw.bits, options.two_bit)
         head_plan(source, options)  # --keep-head on a quantized head or a hidden size the block does not divide
 
     def write(self, folder: Path, source: Source, options: ONNXOptions) -> Written:
@@ -290,7 +292,7 @@ class ONNXExporter(Exporter):
         replaced = {}
         if head is not None:
             replaced = {f"{hname}.weight": head.dequantize()}
-        with torch.no_grad(), ptq.swapped(reference.model, replaced):
+        with torch.no_grad(), keep_cost.swapped(reference.model, replaced):
             want = reference.model(input_ids=ids[None]).logits[0].float()
         got = torch.from_numpy(F.OrtDecoder(folder, accuracy_level=0).decode(ids, n_prefill=len(ids) - 3))  # + 3 steps
         diff = float((got - want).abs().max())
@@ -315,19 +317,19 @@ class ONNXExporter(Exporter):
         ref = reference.model.get_parameter(key).detach().float()
         hname = written.kept["name"]
         what = f"--keep-head {opt.keep_head} ({hname}" + (" and the tied embedding" if tied else "") + ")"
-        n_tokens = ptq.eval_tokens(opt.keep_eval_tokens, True)
+        n_tokens = keep_cost.eval_tokens(opt.keep_eval_tokens, True)
         cost = None
         if n_tokens:
-            cost = ptq.measure(reference.model, reference.tokenizer, replaced, n_tokens, opt.keep_eval_data, what)
+            cost = keep_cost.measure(reference.model, reference.tokenizer, replaced, n_tokens, opt.keep_eval_data, what)
         bits = 8 if opt.keep_head == "int8" else 4
-        rec = ptq.record(
+        rec = keep_cost.record(
             f"symmetric round-to-nearest, {bits}-bit, float16 scale max|w| / {2 ** (bits - 1) - 1} per block of "
             f"{opt.block_size}",
             [{"name": hname, "source": key, "stored_as": f"MatMulNBits {bits}-bit"
               + (" + GatherBlockQuantized (same bytes)" if tied else ""), "readback_max_abs_err": 0.0,
               "max_abs_err": float((vals - ref).abs().max())}],
             cost, None if cost else "keep_eval_tokens 0")
-        written.notes.append(ptq.note(what, rec))
+        written.notes.append(keep_cost.note(what, rec))
         return rec
 
     @classmethod

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from winq.actplan import ActPlan, ActQuant, apply_plan
-from winq.actquant import ggml_activation_scheme, ort_activation_scheme
+from winq.actplan import ActPlan, ActQuant, apply_plan, ggml_act_quants, llamacpp_quant
+from winq.actquant import ort_activation_scheme
 from winq.errors import ConfigError, FormatError
 
 ACT_CHOICES = ("none", "llamacpp", "ort4")
@@ -91,19 +91,11 @@ def llamacpp_plan(model, artifact=None) -> ActPlan:
         fl = {f["name"]: str(f["dtype"]).upper() for f in rec.get("float_tensors") or []}
         embed = fl.get("token_embd.weight", "F16")
         head = fl.get("output.weight")
+        quant = ggml_act_quants({n: types[n] for n in layers})
         source = str(where)
     else:
-        from winq.formats import gguf as G
-
-        types = {}
-        for n, m in layers.items():
-            enc, _ = G.choose(m.quantized_weight(), "auto", n)
-            types[n] = enc.type.upper()
+        quant = llamacpp_quant(model)
         embed, head, source = "F16", None, "decided as `winq export --format gguf` would (--type auto, --keep f16)"
-    quant = {}
-    for n in layers:
-        scheme = ggml_activation_scheme(types[n])
-        quant[n] = ActQuant(scheme) if scheme is not None else None
     return ActPlan(quant=quant, floats=_ggml_floats(model, embed, head), runtime="llama.cpp", source=source)
 
 
@@ -163,13 +155,3 @@ def emulate(model, act: str, artifact=None) -> ActPlan | None:
 
 
 __all__ = ["ACT_CHOICES", "plan_for", "llamacpp_plan", "ort_plan", "emulate"]
-
-
-def _register() -> None:
-    """`--act-quant llamacpp` in training: per layer, what `winq export --format gguf` would pick (--type auto)."""
-    from winq.actplan import register_plan
-
-    register_plan("llamacpp", lambda model: llamacpp_plan(model).quant)
-
-
-_register()

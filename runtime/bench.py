@@ -43,9 +43,9 @@ from typing import Callable
 
 from winq.errors import EXTRAS, ConfigError, WinqError, check_installed
 
-from .backends import (BACKENDS, NAMES, LoadOptions, artifact_of, get_backend, parse_names, resolve_artifact,
-                       time_session)
+from .backends import BACKENDS, NAMES, artifact_of, get_backend, parse_names, resolve_artifact
 from .measure import artifact_bytes, machine_info, peak_rss_mb, rss_mb, ru_maxrss_mb
+from .session import LoadOptions, time_session
 
 RESULT_TAG = "WINQ-BENCH-RESULT "  # the worker's result line (libraries may print on stdout too)
 
@@ -100,7 +100,7 @@ def worker(kind: str, artifact: str, prompt_ids: list[int], n_gen: int, threads:
            prefill_lengths: list[int] | None = None, accuracy_level: int | None = None,
            warmup_gen: int | None = None) -> dict:
     """One backend's measurements, in this process (run it in a fresh one: see run_job). prefill_lengths,
-    warmup_gen: see backends.time_session; accuracy_level: ort's MatMulNBits override."""
+    warmup_gen: see session.time_session; accuracy_level: ort's MatMulNBits override."""
     import torch
     import transformers  # noqa: F401  (imported before the clock starts: not load time)
 

@@ -23,7 +23,7 @@ from winq.evaluate import windows
 
 def model_logits_fn(model, device="cpu") -> Callable[[torch.Tensor], torch.Tensor]:
     """logits_fn of a Hugging Face causal LM (fake-quant, packed or float)."""
-    from .backends import TorchSession
+    from .session import TorchSession
 
     return TorchSession(model, device).logits
 

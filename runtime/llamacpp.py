@@ -23,7 +23,7 @@ import torch
 from winq.errors import ConfigError, require
 from winq.formats.gguf import is_gguf
 
-from .backends import LoadOptions, Session
+from .session import LoadOptions, Session
 
 GGML_TYPE_F32 = 0
 

@@ -20,7 +20,7 @@ import torch
 
 from winq.formats.onnx import OrtDecoder
 
-from .backends import LoadOptions, Session, generate
+from .session import LoadOptions, Session, generate
 
 
 class OrtSession(Session):

@@ -43,6 +43,10 @@ class PackedLinear(nn.Module):
 
     @classmethod
     def from_quantized_weight(cls, qw: QuantizedWeight, bias=None) -> "PackedLinear":
+        if not qw.spec.uniform:  # nl4: levels from IQ4_NL's table, not scale * (q - z)
+            raise ModelError(f"the packed runtime multiplies scale * (q - zero) and cannot run grid {qw.grid!r} "
+                             "(IQ4_NL's non-uniform levels): use --backend fakequant, or export --format gguf and "
+                             "run --backend llamacpp")
         out, inf = qw.shape
         codes = pad_to_period(qw.codes.T.contiguous(), qw.bits, dim=0)  # (K_pad, N)
         return cls(inf, out, qw.bits, qw.group_size, pack(codes, qw.bits, dim=0), qw.scale.T, qw.zero.T, bias)

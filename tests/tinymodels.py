@@ -77,7 +77,7 @@ def default_checkpoint(out: Path, **quant):
 
 
 # ---------------------------------------------------------------------------------------------
-# the architectures llama.cpp knows beyond llama/qwen2 (GGUF export, issue 14)
+# the architectures llama.cpp knows beyond llama/qwen2 (GGUF export)
 
 MORE_ARCHS = ("qwen3", "gemma3", "phi3", "smollm3")
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"

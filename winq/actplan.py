@@ -11,16 +11,18 @@ A QuantLinear's `act_quant` (an `ActQuant`) quantizes the layer's input in both 
 covers the layers a runtime keeps in float but still rounds: llama.cpp stores embeddings and an
 untied lm_head as F16 (or Q8_0 with `--keep q8_0`) and converts the activations of an F16 matmul
 to fp16 (docs/activations.md), so an F16 output head means fp16-rounded weights *and* inputs.
-Which scheme each layer gets is the runtime's decision from the export's tensor types: the
-plans are built in winq.runtime.act (from winq-export.json or the exporters' own type choice).
+Which scheme each layer gets is the runtime's decision from the export's tensor types: `ggml_act_quants`
+turns GGUF types into llama.cpp's schemes; the eval plans are built in winq.runtime.act (from winq-export.json
+or the exporters' own type choice).
 
-`TrainConfig.act_quant` / `winq train --act-quant` use `parse_act_quant`: none | q8_0 | q8_k |
-ort_int8 (MatMulNBits block 32, the ONNX exporter's default) | ort_int8:<block>, one scheme for every layer; or
-`llamacpp`, a per-layer plan: each layer gets the scheme llama.cpp uses for the GGUF type `winq export --format gguf`
-picks for it by default (winq.runtime.act.llamacpp_plan without an artifact; e.g. 2-bit seq on the default model:
-q8_0 for the 576-wide rows in Q4_0 containers, q8_k for down_proj in Q2_K). `train_act_plan` resolves a setting to
-{layer: ActQuant | None}; training stores a per-layer plan in winq.json as {"plan": "llamacpp", "layers": {layer:
-scheme}} (`plan_record`), so resuming and the exporters' check see the exact per-layer schemes it trained with.
+`TrainConfig.act_quant` / `winq train --act-quant` use `parse_act_quant`: none | q8_0 | q8_k | ort_int8 (MatMulNBits
+block 32, the ONNX exporter's default) | ort_int8:<block>, one scheme for every layer; or `llamacpp`, a per-layer
+plan: each layer gets the scheme llama.cpp uses for the GGUF type `winq export --format gguf` picks for it by
+default (`llamacpp_quant`: winq.formats.gguf.auto_types, the exporter's own type choice; e.g. 2-bit seq on the
+default model: q8_0 for the 576-wide rows in Q4_0 containers, q8_k for down_proj in Q2_K). `train_act_plan` resolves
+a setting to {layer: ActQuant | None}; training stores a per-layer plan in winq.json as {"plan": "llamacpp",
+"layers": {layer: scheme}} (`plan_record`), so resuming and the exporters' check see the exact per-layer schemes it
+trained with.
 `act_mismatch` is the exporters' check of a runtime's per-layer schemes against that setting.
 """
 
@@ -37,16 +39,6 @@ from .errors import ConfigError
 
 TRAIN_SCHEMES = ("none", "q8_0", "q8_k", "ort_int8")  # what `winq train --act-quant` accepts (ort_int8[:block])
 PER_LAYER_PLANS = ("llamacpp",)  # `--act-quant` values that pick a scheme per layer (train_act_plan)
-# name -> fn(prepared model) -> {QuantLinear name: ActQuant | None}. The per-layer choice is the exporter's type choice
-# (winq.formats), which the core may not import: winq.runtime.act registers it when imported (the CLI imports it).
-PLAN_RESOLVERS: dict = {}
-
-
-def register_plan(name: str, resolve) -> None:
-    """Register the resolver of a PER_LAYER_PLANS name (winq.runtime.act registers `llamacpp`)."""
-    if name not in PER_LAYER_PLANS:
-        raise ConfigError(f"unknown per-layer plan {name!r}: choose one of {', '.join(PER_LAYER_PLANS)}")
-    PLAN_RESOLVERS[name] = resolve
 ORT_DEFAULT_BLOCK = 32  # the ONNX exporter's default MatMulNBits block_size
 # ggml types a float tensor (embedding, untied lm_head) may be stored as, and the values a reader gets
 FLOAT_TYPES = ("F32", "F16", "BF16", "Q8_0")
@@ -137,14 +129,33 @@ def train_act_plan(model: nn.Module, value) -> dict[str, ActQuant | None]:
             raise ConfigError(f"act_quant plan lists no scheme for {len(missing)} quantized layers (first: "
                               f"{missing[0]})")
         return {n: parse_act_quant(value["layers"][n]) for n in layers}
-    if isinstance(value, str) and value in PER_LAYER_PLANS:
-        resolve = PLAN_RESOLVERS.get(value)
-        if resolve is None:
-            raise ConfigError(f"act_quant={value!r} is resolved per layer by winq.runtime.act: "
-                              f"`import winq.runtime.act` before training (the winq CLI does)")
-        return dict(resolve(model))
+    if isinstance(value, str) and value in PER_LAYER_PLANS:  # "llamacpp", the only one
+        return llamacpp_quant(model)
     one = parse_act_quant(value)
     return dict.fromkeys(layers, one)
+
+
+def ggml_act_quants(types: dict[str, str]) -> dict[str, ActQuant | None]:
+    """{layer: ActQuant | None} from {layer: GGUF type}: the activation quantizer llama.cpp's CPU matmul applies in
+    front of a weight of that type (winq.actquant.ggml_activation_scheme; None for F32)."""
+    out = {}
+    for name, t in types.items():
+        scheme = ggml_activation_scheme(t)
+        out[name] = ActQuant(scheme) if scheme is not None else None
+    return out
+
+
+def llamacpp_quant(model: nn.Module) -> dict[str, ActQuant | None]:
+    """llama.cpp's input quantizer for every QuantLinear of a prepared `model`, for the GGUF type `winq export
+    --format gguf` stores it in by default (--type auto). The type choice is the GGUF format's own
+    (winq.formats.gguf.auto_types, which encodes each layer): the one place the core asks a format, inside this
+    function, so `import winq` stays light and the plan never depends on what else was imported."""
+    from .formats.gguf import auto_types
+
+    layers = _quant_layers(model)
+    if not layers:
+        raise ConfigError("--act needs a fake-quant model (a winq checkpoint): this model has no quantized layers")
+    return ggml_act_quants(auto_types({n: m.quantized_weight() for n, m in layers.items()}))
 
 
 def plan_record(value, plan: dict) -> str | dict:
@@ -339,5 +350,5 @@ def act_mismatch(trained, runtime: dict, runtime_name: str) -> tuple[dict, str |
 
 
 __all__ = ["ActQuant", "ActPlan", "TRAIN_SCHEMES", "PER_LAYER_PLANS", "parse_act_quant", "check_act_quant",
-           "train_act_plan", "plan_record", "describe_act_quant", "set_act_quant", "apply_plan", "emulating",
-           "round_float_weight", "act_mismatch", "FLOAT_TYPES"]
+           "train_act_plan", "llamacpp_quant", "ggml_act_quants", "plan_record", "describe_act_quant",
+           "set_act_quant", "apply_plan", "emulating", "round_float_weight", "act_mismatch", "FLOAT_TYPES"]

@@ -2,7 +2,7 @@
 
 Weights leave winq bit-exact, but the runtimes' fast integer dot products also quantize the
 *activations* to 8 bits, block by block, just before every matmul. These functions reproduce
-that arithmetic in torch, so fake-quant eval and training can see it (issue 15). Each returns
+that arithmetic in torch, so fake-quant eval and training can see it. Each returns
 the dequantized float32 tensor that the runtime's integer dot product effectively multiplies
 (scale * code); the `*_blocks` forms also return codes and scales, the `*_ste` forms pass the
 gradient straight through (identity) for training.

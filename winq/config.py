@@ -10,19 +10,32 @@ import dataclasses
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .grids import DEFAULT_GRID, GRID_BITS, check_grid
+from .grids import DEFAULT_GRID, GRID_BITS, check_grid, check_group
 
 METHODS = ("winq", "qat")
 PRECISIONS = ("fp32", "bf16")
+EMBEDS = ("q8_0", "float")
+INITS = ("max", "search", "gptq")  # the step-0 quantizers of winq.calibrate
+MIN_CALIB_TOKENS = 512
+
+
+def check_init(init: str) -> None:
+    if init not in INITS:
+        raise ConfigError(f"init={init!r}: choose one of {', '.join(INITS)}")
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    bits: int = 2  # weight bits: 1 (binary), 2 (seq/ternary/affine), 3, 4, 8
-    grid: str | None = None  # lsq | seq | ternary | binary | affine; None -> the default for `bits`
-    group_size: int = -1  # -1: one scale per output row; else a divisor of every in_features
+    bits: int = 4  # weight bits: 1 (binary), 2 (seq/ternary/affine), 3, 4, 8
+    grid: str | None = None  # lsq | seq | ternary | binary | affine | nl4; None -> the default for `bits`
+    group_size: int = 32  # weights per scale along the input dim: 32 is the block of GGUF's Q4_0 / IQ4_NL / Q8_0
+    #                       containers (and a GPTQ / MatMulNBits group); -1: one scale per output row
     quantize_lm_head: bool = False  # the output projection stays full precision unless asked
     skip: tuple[str, ...] = ()  # module-name substrings that stay full precision
+    init: str = "gptq"  # step-0 quantizer (winq.calibrate): max (the WinQ reference) | search | gptq
+    calib_tokens: int = 16384  # calibration tokens (at most) for init search / gptq, from the training data
+    embed: str = "q8_0"  # token embeddings (and a float lm_head): q8_0 (snapped to Q8_0's lattice, frozen: the
+    #                      GGUF export stores them as Q8_0 exactly, as llama.cpp's Q4_0 files do) | float (trained)
 
     def __post_init__(self):
         if self.grid is None:
@@ -33,6 +46,13 @@ class QuantConfig:
         check_grid(self.grid, self.bits)
         if self.group_size != -1 and self.group_size < 1:
             raise ConfigError(f"group_size={self.group_size}: use -1 (per row) or a positive divisor of in_features")
+        check_group(self.grid, self.group_size)
+        check_init(self.init)
+        if self.init != "max" and self.calib_tokens < MIN_CALIB_TOKENS:
+            raise ConfigError(f"calib_tokens={self.calib_tokens}: init {self.init!r} needs at least "
+                              f"{MIN_CALIB_TOKENS} calibration tokens (or use init='max')")
+        if self.embed not in EMBEDS:
+            raise ConfigError(f"embed={self.embed!r}: choose one of {', '.join(EMBEDS)}")
         object.__setattr__(self, "skip", tuple(self.skip))
 
     def to_dict(self) -> dict:
@@ -41,6 +61,8 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        # checkpoints written before these fields existed: the reference init, float embeddings
+        d = {"init": "max", "embed": "float", **d}
         return cls(**{k: (tuple(v) if k == "skip" else v) for k, v in d.items() if k in names})
 
 
@@ -75,6 +97,10 @@ class TrainConfig:
     eval_batches: int = 8  # held-out batches per periodic eval
     diag_every: int = 1  # code-flip diagnostics (winq.diagnostics) every N steps; 0: off (adaptive resets need them)
     diag_sample: int = 1_000_000  # latent weights sampled for the diagnostics (all of them in smaller models)
+    distill: float = 1.0  # weight of the KL divergence to the float teacher in the loss, the rest next-token
+    #                       cross-entropy: 1 pure distillation, 0 off (no teacher is loaded)
+    keep_best: bool = True  # with eval_every: the checkpoint holds the evaluated state with the lowest held-out
+    #                         score (KL to the teacher when distilling, else loss), the step-0 state included
     act_quant: str | dict = "none"  # runtime activation quantizer on the quantized layers' inputs (straight-through):
     #                          none | q8_0 | q8_k | ort_int8[:block] (winq.actplan.parse_act_quant), or llamacpp:
     #                          per layer, stored resolved as {"plan": "llamacpp", "layers": {...}} (actplan.plan_record)
@@ -100,7 +126,7 @@ class TrainConfig:
                 f"reinit_every={self.reinit_every!r}: use -1 (a quarter of steps), a positive period "
                 "or 'auto' (adaptive)"
             )
-        from .schedule import TRIGGERS
+        from .reset_schedule import TRIGGERS
 
         if self.reinit_trigger not in TRIGGERS:
             raise ConfigError(f"reinit_trigger={self.reinit_trigger!r}: choose one of {', '.join(TRIGGERS)}")
@@ -113,6 +139,8 @@ class TrainConfig:
             raise ConfigError(f"diag_every={self.diag_every} must be >= 0 and diag_sample={self.diag_sample} >= 1")
         if self.reinit_every == "auto" and self.method == "winq" and self.diag_every != 1:
             raise ConfigError("reinit_every='auto' reads the diagnostics every step: leave diag_every at 1")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ConfigError(f"distill={self.distill} must be in [0, 1] (1: pure distillation, 0: off)")
         from .actplan import check_act_quant
 
         check_act_quant(self.act_quant)

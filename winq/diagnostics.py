@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .grids import clamp_alpha
+
 DEFAULT_SAMPLE = 1_000_000
 DEFAULT_WINDOW = 8
 
@@ -67,15 +69,15 @@ class CodeTracker:
         for name, m in self.layers.items():
             idx, gidx = self._idx[name], self._gidx[name]
             w = m.weight.detach().reshape(-1)[idx].float()
-            alpha = m.alpha.detach().reshape(-1)[gidx].clamp(min=1e-5)
+            alpha = clamp_alpha(m.alpha.detach().reshape(-1)[gidx])  # signed: a negative alpha mirrors the lattice
             zero = m.zero_point.detach().reshape(-1)[gidx] if m.zero_point is not None else None
-            u, lo, hi = m.spec.step_coordinates(w / alpha, zero)
+            u, lo, hi = m.spec.step_coordinates(w / alpha, zero)  # the layer's own x = W / alpha
             uc = torch.clamp(u, lo, hi)
             code = torch.round(uc)
             codes.append(code.to(torch.int16))
             margins.append(0.5 - (uc - code).abs() + (u - uc).abs())
             ws.append(w)
-            steps.append(alpha * m.spec.scale_factor)
+            steps.append(alpha.abs() * m.spec.step_scale)  # the level spacing in weight units (nl4: the mean)
         cat = torch.cat
         return cat(ws), cat(codes), cat(steps), cat(margins)
 

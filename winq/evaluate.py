@@ -33,6 +33,21 @@ def lm_loss(model, block: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), block[:, 1:].reshape(-1))
 
 
+def kd_loss(model, block: torch.Tensor, teacher, weight: float = 1.0) -> torch.Tensor:
+    """weight * KL(teacher || model) + (1 - weight) * cross-entropy, per token, of a (B, T + 1) block of ids.
+    The teacher runs without gradients; KL is taken on the full next-token distributions (temperature 1)."""
+    ids = block[:, :-1]
+    logits = model(input_ids=ids).logits
+    with torch.no_grad():
+        t_logp = F.log_softmax(teacher(input_ids=ids).logits.float().reshape(-1, logits.shape[-1]), -1)  # (N, V)
+    logp = F.log_softmax(logits.float().reshape(-1, logits.shape[-1]), -1)  # (N, V)
+    kl = F.kl_div(logp, t_logp, log_target=True, reduction="batchmean")
+    if weight >= 1.0:
+        return kl
+    ce = F.nll_loss(logp, block[:, 1:].reshape(-1))
+    return weight * kl + (1.0 - weight) * ce
+
+
 @dataclass(frozen=True)
 class Window:
     begin: int  # first token of the window in the stream

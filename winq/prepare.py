@@ -12,10 +12,12 @@ QuantConfig.quantize_lm_head. Embeddings and norms are not Linear and stay as th
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .config import QuantConfig
 from .errors import ConfigError, ModelError
+from .grids import check_group
 from .qlinear import QuantLinear
 from .qweight import QuantizedWeight
 
@@ -53,6 +55,8 @@ def prepare(model: nn.Module, cfg: QuantConfig, init: bool = True) -> nn.Module:
             "found no torch.nn.Linear layers to quantize; winq supports models built from nn.Linear "
             f"(Llama, Qwen2, Mistral, ...). This model's weight-bearing modules: {', '.join(kinds)}"
         )
+    for n in names:  # nl4 takes groups of 32 only: refuse before swapping anything
+        check_group(cfg.grid, cfg.group_size, model.get_submodule(n).in_features)
     if cfg.group_size != -1:
         widths = {n: model.get_submodule(n).in_features for n in names}
         bad = [(n, k) for n, k in widths.items() if k % cfg.group_size]
@@ -62,19 +66,55 @@ def prepare(model: nn.Module, cfg: QuantConfig, init: bool = True) -> nn.Module:
                 f"group_size={cfg.group_size} does not divide in_features={k} of {n} "
                 f"({len(bad)} layers affected); use -1 (per row) or a divisor of every in_features"
             )
-    import torch
-
     for name in names:  # validate everything before swapping anything: a failure leaves the model as it was
         w = model.get_submodule(name).weight
         if not torch.isfinite(w).all():
             raise ModelError(f"{name}.weight contains NaN or Inf; cannot quantize this model")
+    tables = embedding_tables(model, cfg)
+    if cfg.embed == "q8_0":
+        for n, p in tables.items():
+            if p.shape[-1] % Q8_0_BLOCK:
+                raise ConfigError(f"embed='q8_0' stores rows in blocks of {Q8_0_BLOCK}, but {n} has rows of "
+                                  f"{p.shape[-1]}: use embed='float'")
     for name in names:
         lin = model.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QuantLinear.from_linear(lin, cfg.grid, cfg.bits, cfg.group_size, init=init))
+    if cfg.embed == "q8_0":
+        for p in tables.values():
+            if init:
+                with torch.no_grad():
+                    p.copy_(snap_q8_0(p.detach()))
+            p.requires_grad_(False)
     model.winq_quant_config = cfg
     return model
+
+
+Q8_0_BLOCK = 32
+
+
+def snap_q8_0(t: torch.Tensor) -> torch.Tensor:
+    """t (..., n) on Q8_0's lattice: per 32 values d = max|x| / 127, x -> float32(fp16(d)) * round(x / d).
+    Idempotent under llama.cpp's / gguf-py's Q8_0 quantizer (the block's largest value is fp16(d) * 127, so
+    they find the same d and the same integers): a snapped table is stored as Q8_0 exactly."""
+    x = t.detach().float().reshape(*t.shape[:-1], t.shape[-1] // Q8_0_BLOCK, Q8_0_BLOCK)  # (..., n / 32, 32)
+    d = x.abs().amax(-1, keepdim=True) / 127.0
+    q = torch.round(x / torch.where(d > 0, d, torch.ones_like(d)))
+    return (d.to(torch.float16).to(torch.float32) * q).reshape(t.shape).to(t.dtype)
+
+
+def embedding_tables(model: nn.Module, cfg: QuantConfig) -> dict:
+    """{name: parameter} of the float tables embed= governs: the input embeddings and an output embedding
+    that stays float (tied: one parameter)."""
+    out = {}
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        out[next(n for n, p in model.named_parameters(remove_duplicate=False) if p is emb.weight)] = emb.weight
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and not cfg.quantize_lm_head and not any(p is head.weight for p in out.values()):
+        out[next(n for n, p in model.named_parameters() if p is head.weight)] = head.weight
+    return out
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:

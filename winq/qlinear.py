@@ -14,13 +14,13 @@ model's NoiseSource (winq.noise), refilled at every training forward (reproducib
 before either path below, straight-through while training with gradients (winq.actplan installs them).
 
 Two forward paths compute the same W_q bit for bit:
-* training with gradients, fixed-zero grids (lsq, seq, ternary, binary): one autograd Function
+* training with gradients, fixed-zero grids (lsq, seq, ternary, binary, nl4): one autograd Function
   (`_FakeQuantLinear`) that saves only the input, W and alpha and recomputes the quantizer in
   its backward. Autograd over the composite expression would keep W + noise, W / alpha, the
   clamped and rounded copies and W_q itself for the backward (about 20 bytes per weight: the
   default model's training step peaked at 5.5 GB without noise against 3.1 GB for plain fp32
   fine-tuning); the fused layer keeps none of them.
-* everything else (eval, no_grad, the affine grid, second derivatives for winq.analysis): the
+* everything else (eval, no_grad, the affine grid, second derivatives for winq.hessian): the
   composite expression with straight-through rounding in `fake_weight()`.
 """
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, ModelError
-from .grids import ALPHA_EPS, GridSpec, half_ste
+from .grids import ALPHA_EPS, GridSpec, clamp_alpha, check_group, half_ste
 from .qweight import QuantizedWeight
 
 
@@ -41,6 +41,7 @@ class QuantLinear(nn.Linear):
     ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.spec = GridSpec(grid, bits)
+        check_group(grid, group_size, in_features)  # nl4: groups of 32 only
         g = in_features if group_size == -1 else group_size
         if in_features % g:
             raise ConfigError(f"group_size={group_size} does not divide in_features={in_features}")
@@ -110,7 +111,7 @@ class QuantLinear(nn.Linear):
 
     def deploy_scale(self, alpha: torch.Tensor) -> torch.Tensor:
         """Deployment scale s (float32, before fp16 rounding) from alpha; the same expression for forward and export."""
-        return alpha.clamp(min=ALPHA_EPS) * self.spec.scale_factor
+        return clamp_alpha(alpha) * self.spec.scale_factor
 
     def _noisy(self) -> bool:
         """True when this forward adds WinQ noise; then waits until the layer's share of the draw is filled."""
@@ -127,7 +128,7 @@ class QuantLinear(nn.Linear):
         if noise and self._noisy():
             w = torch.add(w, self.eps_w, alpha=self.noise_sigma)  # one pass: W + sigma * eps
             alpha = torch.add(alpha, self.eps_a, alpha=self.noise_sigma)
-        a = alpha.clamp(min=ALPHA_EPS)[..., None]  # (out, G, 1)
+        a = clamp_alpha(alpha)[..., None]  # (out, G, 1)
         zp = self.zero_point[..., None] if self.zero_point is not None else None
         lev = self.spec.levels(self._grouped(w), a, zp)  # (out, G, g)
         s = half_ste(self.deploy_scale(alpha)[..., None])  # (out, G, 1) fp32 holding fp16 values
@@ -148,11 +149,11 @@ class QuantLinear(nn.Linear):
     @torch.no_grad()
     def quantized_weight(self) -> QuantizedWeight:
         """codes / fp16 scale / zero of the current weights (no noise)."""
-        a = self.alpha.clamp(min=ALPHA_EPS)[..., None]
+        a = clamp_alpha(self.alpha)[..., None]
         zp = self.zero_point[..., None] if self.zero_point is not None else None
         lev = self.spec.levels(self._grouped(self.weight.float()), a, zp)  # (out, G, g)
         zero = self.spec.zero_value(zp, a)  # (out, G, 1)
-        codes = (lev + zero).reshape(self.out_features, self.in_features)
+        codes = self.spec.codes(lev, zero).reshape(self.out_features, self.in_features)
         scale = self.deploy_scale(self.alpha).to(torch.float16)
         if not torch.isfinite(self.weight).all() or not torch.isfinite(scale).all():
             raise ModelError("weights or scales contain NaN/Inf; this layer cannot be exported")
@@ -178,6 +179,9 @@ class QuantLinear(nn.Linear):
 class _FakeQuantLinear(torch.autograd.Function):
     """y = x W_q^T + b with W_q the (noisy) fake-quant weight of a fixed-zero grid.
 
+    nl4 runs here too: its level_value is a table lookup, its levels (-127..113) are int8 as they are
+    (m = 1) and its straight-through derivative is k = 1 inside [-127, 113], so the formulas are unchanged.
+
     Saved for the backward: x, W and alpha (held anyway), the levels as int8 (m * level) and the
     clip mask as bool: 2 bytes per weight, where autograd over the composite expression keeps
     about 20 (W + noise, W / alpha, the clamped, rounded and scaled copies, W_q). The noise is
@@ -198,7 +202,7 @@ class _FakeQuantLinear(torch.autograd.Function):
         if noise:
             w = torch.add(w, layer.eps_w, alpha=layer.noise_sigma)  # the same expression as fake_weight()
             a = torch.add(a, layer.eps_a, alpha=layer.noise_sigma)
-        A = a.clamp(min=ALPHA_EPS)[..., None]  # (out, G, 1)
+        A = clamp_alpha(a)[..., None]  # (out, G, 1)
         xq = layer._grouped(w) / A  # (out, G, g)
         lo, hi, _, m = spec.ste_clip
         lev = spec.level_value(xq)
@@ -227,7 +231,7 @@ class _FakeQuantLinear(torch.autograd.Function):
             )
         if ctx.noise:
             alpha = torch.add(alpha, layer.eps_a, alpha=layer.noise_sigma)
-        A = alpha.clamp(min=ALPHA_EPS)[..., None]  # (out, G, 1)
+        A = clamp_alpha(alpha)[..., None]  # (out, G, 1)
         S = layer.deploy_scale(alpha).to(torch.float16).to(torch.float32)[..., None]
         _, _, k, m = spec.ste_clip
         out_f, in_f = layer.out_features, layer.in_features
@@ -253,7 +257,7 @@ class _FakeQuantLinear(torch.autograd.Function):
                 w = torch.add(w, layer.eps_w, alpha=layer.noise_sigma)
             c = spec.scale_factor
             grad_a = (c / S[..., 0]) * term1 - torch.linalg.vecdot(grad_w, layer._grouped(w)) / A[..., 0]
-            grad_a = grad_a * (alpha >= ALPHA_EPS)
+            grad_a = grad_a * (alpha.abs() >= ALPHA_EPS)
         grad_w = grad_w.reshape(out_f, in_f) if ctx.needs_input_grad[1] else None
         gb = g2.float().sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[3] else None
         if gx is not None:

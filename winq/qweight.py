@@ -7,6 +7,14 @@
 
 `dequantize()` is bit-for-bit the fake-quant weight used in training (ARCHITECTURE §2,
 Rule 1): both compute float32(fp16 scale) * float32(level) elementwise.
+
+The non-uniform grid nl4 (llama.cpp's IQ4_NL) uses the same fields with a level table: its codes are
+level indices 0..15, zero is 0 and
+
+    W[o, i] = float32(scale[o, i // 32]) * NL4_LEVELS[codes[o, i]]
+
+(scale is IQ4_NL's d; groups of exactly 32). `levels` is code_values(codes) - zero for every grid
+(GridSpec.code_values: the code itself, or its table entry).
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import WinqError
-from .grids import GridSpec
+from .grids import NL4_GROUP, GridSpec
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,12 @@ class QuantizedWeight:
             raise WinqError(f"scale must be float16 {groups}, got {self.scale.dtype} {tuple(self.scale.shape)}")
         if self.zero.dtype != torch.float32 or tuple(self.zero.shape) != groups:
             raise WinqError(f"zero must be float32 {groups}, got {self.zero.dtype} {tuple(self.zero.shape)}")
+        if self.grid == "nl4":
+            if self.group_size != NL4_GROUP:
+                raise WinqError(f"nl4 weights have groups of {NL4_GROUP} (IQ4_NL blocks), "
+                                f"got group_size={self.group_size}")
+            if self.zero.numel() and bool(self.zero.any()):
+                raise WinqError("nl4 weights have zero 0 (their levels are IQ4_NL's table)")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -54,17 +68,20 @@ class QuantizedWeight:
         return self.group_size == self.codes.shape[1]
 
     @property
+    def spec(self) -> GridSpec:
+        return GridSpec(self.grid, self.bits)
+
+    @property
     def levels(self) -> torch.Tensor:
-        """q - z as float32 (out, in)."""
+        """q - z as float32 (out, in) (nl4: NL4_LEVELS[q])."""
         out, inf = self.codes.shape
-        q = self.codes.to(torch.float32).reshape(out, self.n_groups, self.group_size)  # (out, G, g)
+        q = self.spec.code_values(self.codes).reshape(out, self.n_groups, self.group_size)  # (out, G, g)
         return (q - self.zero[..., None]).reshape(out, inf)
 
     def dequantize(self) -> torch.Tensor:
-        """float32 (out, in): float32(scale) * (codes - zero), per group."""
+        """float32 (out, in): float32(scale) * (codes - zero), per group (nl4: float32(scale) * NL4_LEVELS[codes])."""
         out, inf = self.codes.shape
-        q = self.codes.to(torch.float32).reshape(out, self.n_groups, self.group_size)  # (out, G, g)
-        lev = q - self.zero[..., None]
+        lev = self.levels.reshape(out, self.n_groups, self.group_size)  # (out, G, g)
         return (self.scale.to(torch.float32)[..., None] * lev).reshape(out, inf)
 
     @classmethod

@@ -43,11 +43,13 @@ from .config import QuantConfig, TrainConfig
 from .data import PackedBlocks, batch_indices, token_ids
 from .diagnostics import CodeTracker
 from .errors import CheckpointError, ConfigError
-from .evaluate import lm_loss
+from .calibrate import calibration_batches, collect_hessians, initialize
+from .evaluate import kd_loss, lm_loss
 from .models import load_base_model
 from .noise import NoiseSource
-from .prepare import prepare, quant_layers
-from .schedule import ResetSchedule
+from .prepare import prepare, quant_layers, target_linears
+from .teacher import fits_in_memory, heldout_kl, make_teacher
+from .reset_schedule import ResetSchedule
 
 METRICS = "metrics.jsonl"
 
@@ -174,6 +176,8 @@ def train(
     threads: int | None = None,
     hessian_every: int = 0,
     hessian_options: dict | None = None,
+    teacher: str | None = None,
+    calib_data: str | None = None,
 ) -> TrainResult:
     """Quantization-aware training of `model` (a local HF folder or None for the default) on `data`.
 
@@ -181,10 +185,13 @@ def train(
     metrics record of every N-th step (after that step's reset, if any), measured on fixed
     training batches; hessian_options: batches (2), batch_size, seq_len (the run's), and any
     winq.analysis.spectrum() keyword (top_k 4, probes 2, steps 8 by default). Single process only.
+
+    teacher: a local HF folder to distil from (tcfg.distill > 0; None: the base model itself, float).
+    calib_data: the data spec of the step-0 quantizer's calibration tokens (qcfg.init search / gptq; None: `data`).
     """
     if threads:
         torch.set_num_threads(threads)
-    run = _Run(Path(out), model, data, eval_data, qcfg, tcfg, resume, overwrite)
+    run = _Run(Path(out), model, data, eval_data, qcfg, tcfg, resume, overwrite, teacher, calib_data)
     run.build(progress)
     run.setup_hessian(hessian_every, hessian_options)
     return run.loop(progress, callbacks or [])
@@ -193,7 +200,8 @@ def train(
 class _Run:
     """One training run, in the order train() calls it: resolve (here), build, loop."""
 
-    def __init__(self, out: Path, model, data, eval_data, qcfg, tcfg, resume: bool, overwrite: bool):
+    def __init__(self, out: Path, model, data, eval_data, qcfg, tcfg, resume: bool, overwrite: bool,
+                 teacher: str | None = None, calib_data: str | None = None):
         self.out, self.t_start, self.state = out, time.time(), None
         if resume:
             if not is_checkpoint(out):
@@ -203,6 +211,7 @@ class _Run:
             info = read_info(out)
             qcfg, tcfg = QuantConfig.from_dict(info["quant"]), TrainConfig.from_dict(info["train"])
             model, data, eval_data = info.get("base_model"), info.get("data", data), info.get("eval_data", eval_data)
+            teacher, calib_data = info.get("teacher"), info.get("calib_data")
             self.state = load_trainer_state(out)
             if self.state is None:
                 raise CheckpointError(
@@ -215,6 +224,8 @@ class _Run:
                     "(the weights themselves load with winq.checkpoint.load_checkpoint)"
                 )
         self.model_arg, self.data, self.eval_data, self.qcfg, self.tcfg = model, data, eval_data, qcfg, tcfg
+        self.teacher_arg, self.calib_data = teacher, calib_data
+        self.teacher, self.init_info, self.best, self.kept = None, None, None, None
         _prepare_out(out, resume, overwrite)
 
     # ---- build: accelerator, model, data, noise, optimizer, diagnostics, schedule -------------
@@ -222,7 +233,7 @@ class _Run:
         from accelerate import Accelerator
         from accelerate.utils import DistributedType
 
-        tcfg, qcfg = self.tcfg, self.qcfg
+        tcfg = self.tcfg
         # mixed precision is our own autocast (accelerate's is process-global state: two runs in one
         # process with different precisions would clash)
         # cpu=True without a GPU: accelerate then runs torchrun-launched CPU processes as DDP over gloo
@@ -233,17 +244,23 @@ class _Run:
         )
         self.device, self.is_main = acc.device, acc.is_main_process
         torch.manual_seed(tcfg.seed)
+        show = progress and self.is_main
         if self.state is not None:
             net, tok, _ = load_checkpoint(self.out, device="cpu")
             self.base_path = self.model_arg
+            train_ids = token_ids(self.data, "train", tok, progress=show)
+            if tcfg.distill > 0:
+                base = self.teacher_arg or self.model_arg
+                self.teacher = make_teacher(load_base_model(self.model_arg)[0], tok, base if self.teacher_arg else None,
+                                            self.device)
         else:
             net, tok, self.base_path = load_base_model(self.model_arg)
-            prepare(net, qcfg)
+            train_ids = token_ids(self.data, "train", tok, progress=show)
+            self._start(net, tok, train_ids, show)
         net.config.use_cache = False
         net.train()
         self.tok = tok
-        show = progress and self.is_main
-        self.blocks = PackedBlocks(token_ids(self.data, "train", tok, progress=show), tcfg.seq_len)
+        self.blocks = PackedBlocks(train_ids, tcfg.seq_len)
         self.held = None
         if tcfg.eval_every:
             self.held = PackedBlocks(token_ids(self.eval_data or self.data, "valid", tok, progress=show), tcfg.seq_len)
@@ -280,6 +297,31 @@ class _Run:
             with open(self.out / METRICS, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.records)
 
+    def _start(self, net, tok, train_ids, show: bool) -> None:
+        """A new run: the teacher (a float copy, before anything is quantized), the calibration statistics of
+        the float model, prepare() and the step-0 quantizer (winq.calibrate)."""
+        qcfg, tcfg = self.qcfg, self.tcfg
+        if tcfg.distill > 0:
+            if self.teacher_arg is None and not fits_in_memory(net):
+                raise ConfigError("distillation keeps a float copy of the model as teacher, and the available "
+                                  "memory does not hold another copy: use --distill 0")
+            self.teacher = make_teacher(net, tok, self.teacher_arg, self.device)
+        hess = None
+        if qcfg.init != "max":
+            ids = train_ids if self.calib_data is None else token_ids(self.calib_data, "train", tok, progress=show)
+            t0 = time.time()
+            batches = calibration_batches(ids, qcfg.calib_tokens, tcfg.seed)
+            net.to(self.device)
+            hess = collect_hessians(net, target_linears(net, qcfg), [b.to(self.device) for b in batches],
+                                    diag=qcfg.init == "search")
+            calib_s = time.time() - t0
+        prepare(net, qcfg)
+        self.init_info = initialize(net, qcfg.init, hess, progress=show)
+        if hess is not None:
+            self.init_info["calibration_s"] = round(calib_s, 2)
+            self.init_info["calibration_tokens"] = sum(int(b.numel()) for b in batches)
+        del hess
+
     def _restore(self, state: dict, net) -> None:
         load_optimizer_state(self.opt, net, state["optimizer"])
         _set_rng_state(state["rng"])
@@ -308,7 +350,7 @@ class _Run:
                 f"hessian_every={every}: must be >= 0, and the Hessian log runs in single-process training only "
                 f"(world size {self.world})"
             )
-        from .analysis import fixed_batches
+        from .hessian import fixed_batches
 
         kw = {"top_k": 4, "probes": 2, "steps": 8, **(options or {})}
         nb, hb, hl = (
@@ -335,7 +377,10 @@ class _Run:
             amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
             with acc.accumulate(self.model_w):
                 with amp:
-                    loss = lm_loss(self.model_w, batch)
+                    if self.teacher is not None:
+                        loss = kd_loss(self.model_w, batch, self.teacher, tcfg.distill)
+                    else:
+                        loss = lm_loss(self.model_w, batch)
                 acc.backward(loss)
             loss_sum += loss.detach() / tcfg.grad_accum
         gnorm = acc.clip_grad_norm_(self.model_w.parameters(), tcfg.max_grad_norm) if tcfg.max_grad_norm > 0 else None
@@ -381,11 +426,33 @@ class _Run:
             with open(self.out / METRICS, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
-    def _heldout(self) -> float:
+    def _heldout(self) -> dict:
+        """{"eval_loss"} (and "eval_kl" to the teacher when distilling) on the fixed held-out blocks; keeps the
+        best state so far (keep_best: the lowest eval_kl when distilling, else eval_loss)."""
         t = self.tcfg
-        return round(
-            heldout_loss(self._unwrapped(), self.held, t.eval_batches * t.batch_size, t.batch_size, self.device), 6
-        )
+        n, net = t.eval_batches * t.batch_size, self._unwrapped()
+        rec = {"eval_loss": round(heldout_loss(net, self.held, n, t.batch_size, self.device), 6)}
+        if self.teacher is not None:
+            rec["eval_kl"] = round(heldout_kl(net, self.teacher, self.held, n, t.batch_size, self.device), 6)
+        return rec
+
+    def _track_best(self, done: int, rec: dict) -> None:
+        if not self.tcfg.keep_best or self.fsdp:
+            return
+        score = rec.get("eval_kl", rec["eval_loss"])
+        if self.best is None or score < self.best[1]:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self._unwrapped().state_dict().items()}
+            self.best = (done, score, state)
+
+    def _restore_best(self) -> int | None:
+        """Load the best evaluated state into the model when it is not the last one; returns its step."""
+        if self.best is None:
+            return None
+        step, _, state = self.best
+        last = self.records[-1] if self.records else {}
+        if step != self.tcfg.steps or "eval_loss" not in last:
+            self._unwrapped().load_state_dict(state)
+        return step
 
     def save(self, step: int, final: bool) -> None:
         acc = self.accelerator
@@ -419,13 +486,23 @@ class _Run:
             "method": self.tcfg.method,
             "world_size": self.world,
             "step": step,
+            "teacher": self.teacher_arg,
+            "calib_data": self.calib_data,
         }
+        if self.init_info is not None:
+            meta["init"] = self.init_info
+        if final and self.kept is not None:
+            meta["kept"] = self.kept  # keep_best: the evaluated state these weights are
         save_checkpoint(self.out, unwrapped, self.tok, self.qcfg, self.tcfg, meta, ts, state_dict=sd)
 
     def loop(self, progress: bool, callbacks: list) -> TrainResult:
         tcfg = self.tcfg
         if self.held is not None and self.start_step == 0:  # the starting point of the held-out curve
-            self._log({"step": 0, "eval_loss": self._heldout()})
+            rec0 = {"step": 0, **self._heldout()}
+            if self.init_info is not None:
+                rec0["init"] = self.init_info
+            self._track_best(0, rec0)
+            self._log(rec0)
         bar = (
             Progress(tcfg.steps, self.start_step, f"{tcfg.method} {self.qcfg.grid}{self.qcfg.bits}")
             if progress and self.is_main
@@ -455,9 +532,10 @@ class _Run:
                 if reset is not None:
                     rec["reset_info"] = reset
                 if self.held is not None and (done % tcfg.eval_every == 0 or done == tcfg.steps):
-                    rec["eval_loss"] = self._heldout()
+                    rec.update(self._heldout())
+                    self._track_best(done, rec)
                 if self.hess_batches is not None and done % self.hessian_every == 0:
-                    from .analysis import model_spectrum
+                    from .hessian import model_spectrum
 
                     rec["hessian"] = model_spectrum(self._unwrapped(), self.hess_batches, **self.hess_kw).brief()
                 self._log(rec)
@@ -467,6 +545,11 @@ class _Run:
                     self.save(done, final=False)
                 for cb in callbacks:
                     cb(dict(rec, out=str(self.out)))
+            best = self._restore_best()
+            if best is not None:
+                self.kept = {"step": best, "score": self.best[1],
+                             "metric": "eval_kl" if self.teacher is not None else "eval_loss"}
+                self.best = None
             self.save(tcfg.steps, final=True)
         except BaseException:
             # a run that never saved leaves nothing behind (its live log included)

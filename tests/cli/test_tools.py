@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import winq
 from winq.cli.main import app
 from winq.errors import ConfigError
-from winq.runtime.inspect import inspect_artifact
+from winq.runtime.inspection import inspect_artifact
 
 runner = CliRunner()
 

@@ -88,7 +88,7 @@ def test_block_encoders_match_gguf_dequantizer(rows, nb, seed):
         np.testing.assert_array_equal(got, dx * (t.astype(np.float32) - 1), err_msg=typ)
     for typ, cls in TYPES.items():  # sizes from gguf-py's GGML_QUANT_SIZES
         assert cls.bits_per_weight() == {"q4_0": 4.5, "q4_1": 5.0, "q8_0": 8.5, "q2_k": 2.625, "q3_k": 3.4375,
-                                    "tq2_0": 2.0625, "tq1_0": 1.6875}[typ]
+                                    "tq2_0": 2.0625, "tq1_0": 1.6875, "iq4_nl": 4.5}[typ]
 
 
 # ---------------------------------------------------------------------------------------------

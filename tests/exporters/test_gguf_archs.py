@@ -1,4 +1,4 @@
-"""GGUF export of the architectures beyond llama/qwen2 (issue 14): Qwen3, Gemma 3 (text), Phi-3 and
+"""GGUF export of the architectures beyond llama/qwen2: Qwen3, Gemma 3 (text), Phi-3 and
 SmolLM3 on tiny seeded models, each run by llama.cpp (llama-cpp-python 0.3.36) against the fake-quant
 model with the thresholds of tests/exporters/test_gguf.py, tokenization against transformers, and the
 refusals for what llama.cpp fixes in code.

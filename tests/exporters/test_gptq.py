@@ -460,7 +460,7 @@ def test_default_model_exports_and_loads_exactly(tmp_path, user_cache):
 
 
 # ---------------------------------------------------------------------------------------------
-# layers whose sizes miss the 2/3-bit packing period: the exact 4-bit container, per module (issue 14 item 5)
+# layers whose sizes miss the 2/3-bit packing period: the exact 4-bit container, per module
 
 
 @pytest.mark.parametrize("kind", sorted(k for k in CONTAINERS if container_for(*k).bits < 4))

@@ -1,4 +1,4 @@
-"""The output head and embeddings (issue 12 part 3): a head trained quantized (`--quantize-lm-head`) is exported
+"""The output head and embeddings: a head trained quantized (`--quantize-lm-head`) is exported
 exactly (GGUF `output` in its grid's type, ONNX MatMulNBits) while the embedding it was initialised from stays a
 separate float table; a float head / embedding quantized after training (GGUF `--keep q8_0|q6_k`, ONNX
 `--keep-head int8|int4`) is never called exact and records its measured perplexity cost.

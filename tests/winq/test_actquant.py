@@ -1,4 +1,4 @@
-"""winq.actquant against the runtimes' own activation quantizers (issue 15, part 1).
+"""winq.actquant against the runtimes' own activation quantizers, bit for bit.
 
 How each comparison reaches the real thing:
 - ggml (llama.cpp): llama-cpp-python ships libggml-base.so / libggml-cpu.so; ctypes calls the

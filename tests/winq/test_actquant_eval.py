@@ -1,4 +1,4 @@
-"""Runtime activation emulation (issue 15, parts 2 and 3): the QuantLinear hook, per-layer plans read from an
+"""Runtime activation emulation: the QuantLinear hook, per-layer plans read from an
 export's winq-export.json or decided as the exporter would, fake-quant logits against llama.cpp and onnxruntime
 on tiny exports, `winq train --act-quant` and the exporters' check of it.
 
@@ -412,22 +412,40 @@ def test_act_quant_llamacpp_validation_and_records():
         act_mismatch("llamacpp", rt, "llama.cpp")
 
 
-def test_act_quant_llamacpp_needs_its_resolver(tiny_mixed, monkeypatch):
-    """The per-layer choice is the exporter's (winq.formats), registered by winq.runtime.act: without it, one error."""
+def test_act_quant_llamacpp_resolves_after_importing_only_winq(tiny_mixed):
+    """`act_quant="llamacpp"` needs nothing imported first: a fresh process that imports only winq (and
+    transformers) resolves the per-layer plan, and the plan is the GGUF exporter's type choice, layer by layer."""
+    import subprocess
+
+    code = f"""
+import json, sys
+from transformers import AutoModelForCausalLM
+import winq
+from winq.actplan import train_act_plan
+qcfg = winq.QuantConfig(bits=2, grid="seq", group_size=-1)
+model = winq.prepare(AutoModelForCausalLM.from_pretrained({str(tiny_mixed)!r}), qcfg)
+plan = train_act_plan(model, "llamacpp")
+loaded = sorted(m for m in sys.modules if m.startswith("winq.") and m.split(".")[1] in ("runtime", "exporters", "cli"))
+print(json.dumps({{"plan": {{n: str(a) for n, a in plan.items()}}, "loaded": loaded}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["loaded"] == []  # nothing above the core (and winq.formats) was imported
+    assert {k.rsplit(".", 1)[-1]: v for k, v in got["plan"].items()} == {
+        "q_proj": "q8_0", "k_proj": "q8_0", "v_proj": "q8_0", "o_proj": "q8_0", "gate_proj": "q8_0",
+        "up_proj": "q8_0", "down_proj": "q8_k"}  # 64-wide rows in Q4_0 containers, 256-wide down_proj in Q2_K
+    # the same plan as `winq eval --act llamacpp` decides without an artifact
     from transformers import AutoModelForCausalLM
 
-    import winq.actplan as AP
+    from winq.runtime.act import llamacpp_plan
 
-    monkeypatch.setattr(AP, "PLAN_RESOLVERS", {})
-    model = winq.prepare(AutoModelForCausalLM.from_pretrained(str(tiny_mixed)), winq.QuantConfig(bits=2))
-    with pytest.raises(ConfigError, match="import winq.runtime.act"):
-        AP.train_act_plan(model, "llamacpp")
-    with pytest.raises(ConfigError, match="unknown per-layer plan"):
-        AP.register_plan("vllm", lambda m: {})
+    qcfg = winq.QuantConfig(bits=2, grid="seq", group_size=-1)  # per-row scales: 256-wide rows fit Q2_K's blocks
+    model = winq.prepare(AutoModelForCausalLM.from_pretrained(str(tiny_mixed)), qcfg)
+    assert {n: str(a) for n, a in llamacpp_plan(model).quant.items()} == got["plan"]
 
 
 def test_train_act_quant_llamacpp_mixed_plan_matches_the_gguf_export(tiny_mixed, text_file, tmp_path, monkeypatch):
-    import winq.runtime.act  # noqa: F401  (registers the llamacpp resolver, as the CLI does)
     from winq.checkpoint import read_info
     from winq.exporters import export
     from winq.train import train

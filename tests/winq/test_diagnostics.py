@@ -13,7 +13,7 @@ from winq.diagnostics import CodeTracker
 from winq.errors import ConfigError
 from winq.noise import CHUNK, NoiseSource
 from winq.qlinear import QuantLinear
-from winq.schedule import ResetSchedule
+from winq.reset_schedule import ResetSchedule
 from winq.train import train
 
 FIXED = [
@@ -24,6 +24,7 @@ FIXED = [
     ("seq", 2, 8),
     ("ternary", 2, -1),
     ("binary", 1, 8),
+    ("nl4", 4, 32),
 ]
 
 

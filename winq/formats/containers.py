@@ -16,6 +16,10 @@ representable in the format's scale dtype: always in float32 (m is a power of tw
 unless s is a subnormal with an odd last bit. Then float32(s') * (q' - z') and float32(s) * (q - z)
 are the same real number, exact in float32 (11-bit mantissa times an integer below 2^9), so the
 dequantized weights are equal bit for bit.
+
+The rule needs evenly spaced levels q - z. A non-uniform grid (nl4: llama.cpp's IQ4_NL table) has no such
+mapping: `remap` raises FormatError for it, and `lookup` refuses it with a ConfigError that names the
+format that holds it (GGUF, `NON_UNIFORM`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,15 @@ import torch
 from winq.errors import FormatError
 from winq.grids import GridSpec
 from winq.qweight import QuantizedWeight
+
+
+# non-uniform grids -> where they are exact (the refusal of every integer-container format names it)
+NON_UNIFORM = {"nl4": "--format gguf (IQ4_NL, exact; or the Q8_0 container)"}
+
+
+def non_uniform_message(grid: str, bits: int, fmt: str) -> str:
+    return (f"{fmt} cannot hold grid {grid!r} ({bits}-bit): its levels are llama.cpp's IQ4_NL table, not evenly "
+            f"spaced, and {fmt} stores scale * (q - zero); export it with {NON_UNIFORM.get(grid, '--format gguf')}")
 
 
 def half_mul(qw: QuantizedWeight) -> int:
@@ -58,6 +71,8 @@ def remap(qw: QuantizedWeight, mul: int, add, name: str, lo: int, hi: int, scale
     add: an int, or a float32 (out, G) tensor of integers (one offset per group). q' must lie in
     [lo, hi]; with integer_zero, z' must be an integer in zero_range (default [lo, hi]). FormatError otherwise.
     """
+    if not GridSpec(qw.grid, qw.bits).uniform:
+        raise FormatError(f"{name}: " + non_uniform_message(qw.grid, qw.bits, "an integer container q' = m q + a"))
     add_t = torch.as_tensor(add, dtype=torch.float32)
     zero = qw.zero * mul + add_t  # (out, G)
     if add_t.dim():
@@ -127,9 +142,12 @@ class Container:
 
 
 def lookup(table: dict, grid: str, bits: int, fmt: str) -> Container:
-    """table[(grid, bits)], or a ConfigError listing what the format holds."""
+    """table[(grid, bits)], or a ConfigError listing what the format holds (for a non-uniform grid: naming the
+    format that holds it)."""
     from winq.errors import ConfigError
 
+    if (grid, bits) not in table and grid in NON_UNIFORM:
+        raise ConfigError(non_uniform_message(grid, bits, fmt))
     try:
         return table[(grid, bits)]
     except KeyError:

@@ -13,6 +13,7 @@ block structs (ggml-common.h) as gguf-py's dequantizers read them (FORMAT-NOTES)
 | Q4_0  | 32    | 18    | d f16, qs[16]: x[i] low nibble, x[i+16] high       | d (q - 8)                  |
 | Q4_1  | 32    | 20    | d f16, m f16, qs[16] as Q4_0                        | d q + m                    |
 | Q8_0  | 32    | 34    | d f16, qs[32] int8                                 | d q                        |
+| IQ4_NL| 32    | 18    | d f16, qs[16] as Q4_0                              | d kvalues_iq4nl[q]         |
 | Q2_K  | 256   | 84    | scales[16] (sc | m << 4), qs[64], d f16, dmin f16  | d sc q - dmin m (per 16)   |
 | Q3_K  | 256   | 110   | hmask[32], qs[64], scales[12] (6-bit, +32), d f16  | d sc (low2 - 4 (1 - hbit)) |
 | TQ2_0 | 256   | 66    | qs[64] (2-bit t), d f16                            | d (t - 1)                  |
@@ -24,7 +25,9 @@ because gguf-py's quantizers re-round float weights (Q4_0 uses d = max / -8 per 
 would destroy QAT codes; reading uses gguf-py's own dequantizers, an independent implementation.
 
 How each grid maps (winq.formats.containers: q' = m q + a, z' = m z + a, s' = s / m; m = 2 for
-half-integer zeros), tightest first in `ORDER`: see `choose()` and README's table. A block has one
+half-integer zeros), tightest first in `ORDER`: see `choose()` and README's table. The non-uniform nl4 grid
+has no such mapping: IQ4_NL holds it natively (its codes are the nibbles, its scale is d; IQ4_NL's table is
+winq.grids.NL4_LEVELS), Q8_0 as the int8 levels (q' = NL4_LEVELS[q], d = s), no other type. A block has one
 scale, so a group must cover whole blocks (group_size a multiple of the block). q_proj / k_proj
 rows are permuted for llama.cpp's `llama` rope (`permute_rows`), which keeps every row's and
 every group's quantization exact.
@@ -183,7 +186,7 @@ def _levels_at(qw: QuantizedWeight, mul: int, offset: int, lo: int, hi: int, nam
 @register
 class Q8_0(BlockType):
     name, ggml, file_type, code_bits = "q8_0", GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0, 8
-    grids = ("lsq", "seq", "ternary", "binary", "affine")
+    grids = ("lsq", "seq", "ternary", "binary", "affine", "nl4")
 
     @classmethod
     def can_hold(cls, grid, bits):
@@ -205,6 +208,9 @@ class Q8_0(BlockType):
 
     @classmethod
     def _encode(cls, qw, mul, name):
+        if qw.grid == "nl4":  # the IQ4_NL levels -127..113 as they are, d = s
+            q = qw.levels.to(torch.int64)
+            return cls.pack(q.numpy(), _per_block(qw.scale, qw, 32)), "int8 q' = kvalues_iq4nl[q], d = s"
         q, d = _levels_at(qw, mul, 0, -128, 127, name)
         desc = "native" if qw.grid == "lsq" and qw.bits == 8 else (
             f"int8 q' = {mul}(q - z), d = s/{mul}" if mul > 1 else "int8 q' = q - z")
@@ -228,6 +234,26 @@ class Q4_0(BlockType):
         native = qw.grid == "lsq" and qw.bits == 4
         desc = "native" if native else f"q' = {mul}(q - z) + 8" + (f", d = s/{mul}" if mul > 1 else "")
         return cls.pack(q.numpy(), _per_block(d, qw, 32)), desc
+
+
+@register
+class IQ4_NL(BlockType):
+    """llama.cpp's IQ4_NL: per 32 weights an fp16 d and 16 bytes of 4-bit indices into kvalues_iq4nl (the nibble
+    order of Q4_0); x = d * kvalues[q]. Holds the nl4 grid natively: q = the code, d = s."""
+
+    name, ggml, file_type, code_bits = "iq4_nl", GGMLQuantizationType.IQ4_NL, LlamaFileType.MOSTLY_IQ4_NL, 4
+    grids, max_bits = ("nl4",), 4
+
+    @staticmethod
+    def pack(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """q 0..15 level indices (rows, cols), d float16 (rows, cols // 32) -> uint8 (rows, cols // 32 * 18)."""
+        return Q4_0.pack(q, d)
+
+    @classmethod
+    def _encode(cls, qw, mul, name):
+        if qw.codes.numel() and int(qw.codes.max()) > 15:
+            raise FormatError(f"{name}: nl4 codes {int(qw.codes.max())} exceed 15")
+        return cls.pack(qw.codes.numpy(), _per_block(qw.scale, qw, 32)), "native"
 
 
 @register
@@ -381,6 +407,13 @@ def choose(qw: QuantizedWeight, want: str, name: str) -> tuple[Encoded, str | No
         f"(group {qw.group_size}) exactly (rows and groups must be multiples of 32, levels must fit int8): "
         f"export with --format gptq or --format onnx instead"
     )
+
+
+def auto_types(weights: dict[str, QuantizedWeight]) -> dict[str, str]:
+    """{name: ggml type ("Q4_0")} each QuantizedWeight is stored in by `winq export --format gguf` with its
+    default `--type auto` (choose's tightest exact type): what llama.cpp's activation plan is read from when
+    there is no export to read it from (winq.actplan.llamacpp_quant)."""
+    return {name: choose(qw, "auto", name)[0].type.upper() for name, qw in weights.items()}
 
 
 def file_type(types: list[str], keep: str) -> LlamaFileType:

@@ -1,6 +1,6 @@
 """`winq inspect`: what a GGUF file, ONNX model, GPTQ folder or winq checkpoint holds.
 
-    from winq.runtime.inspect import inspect_artifact
+    from winq.runtime.inspection import inspect_artifact
     rep = inspect_artifact("runs/winq.gguf")
     rep["format"], rep["totals"]["bits_per_weight"], rep["record"]["clean"]
 
@@ -41,6 +41,7 @@ from winq.errors import ConfigError, FormatError, MissingDependencyError
 from winq.formats import gguf as G
 from winq.formats import manifest
 from winq.formats.headers import DTYPE_BYTES, safetensors_headers
+from winq.grids import GRIDS, GridSpec
 
 from .backends import backends_for
 
@@ -349,7 +350,11 @@ def inspect_artifact(path) -> dict:
     path = Path(path)
     kind = detect(path)
     rep = INSPECTORS[kind](path)
-    return {"path": str(path), **rep, "backends": backends_for(kind)}
+    backends = backends_for(kind)
+    quant = ((rep.get("winq") or {}).get("quant") or {}) if kind == "checkpoint" else {}
+    if quant.get("grid") in GRIDS and not GridSpec(quant["grid"], int(quant["bits"])).uniform:
+        backends = [b for b in backends if b != "packed"]  # the packed kernels multiply s (q - z): not nl4's levels
+    return {"path": str(path), **rep, "backends": backends}
 
 
 __all__ = ["inspect_artifact", "detect", "KINDS"]

@@ -1,4 +1,4 @@
-"""Hessian spectrum (winq.analysis): known quadratics and a tiny quantized model against its dense Hessian."""
+"""Hessian spectrum (winq.hessian): known quadratics and a tiny quantized model against its dense Hessian."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from winq import QuantConfig, prepare
-from winq.analysis import (
+from winq.hessian import (
     HessianOperator,
     hessian_params,
     hutchinson_trace,

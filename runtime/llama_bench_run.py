@@ -1,6 +1,6 @@
 """llama.cpp's own `llama-bench`, as a second opinion on `winq bench`'s llamacpp timings.
 
-    from winq.runtime.llamabench import find_llama_bench, run_llama_bench
+    from winq.runtime.llama_bench_run import find_llama_bench, run_llama_bench
     find_llama_bench()     # Path of the binary ($WINQ_LLAMA_BENCH, else the cache; ConfigError when missing)
     r = run_llama_bench("runs/winq.gguf", threads=2)   # one llama-bench process, its JSON parsed
     r["prefill"]["avg_ts"], r["decode"]["avg_ts"], r["cmd"], r["settings"]
