@@ -21,7 +21,7 @@ model's floats: the dequantized Q4_1 values of SmolLM2-135M-Instruct, see winq.m
 - **llama.cpp**: the default model as an F16 GGUF written by winq's own writer
   (exporters.gguf.write_gguf, float weights), then llama.cpp's own quantizer (`llama-quantize`) to
   Q8_0, Q5_0, Q4_1, Q4_0, IQ4_NL, Q4_K_M, Q3_K_M and Q2_K, each without and with an importance matrix
-  (`llama-imatrix` on 100 chunks of 512 tokens of the *training* data: PTB train + SOTU train). The
+  (`llama-imatrix` on 50 chunks of 512 tokens of the *training* data: PTB train + SOTU train). The
   tools are built from the llama.cpp that llama-cpp-python 0.3.36 vendors, in the build folder
   benchmarks/llama_bench.py uses (same sdist, same options; its code is reused).
 - **onnxruntime**: an fp32 ONNX export of the float model (exporters/onnx.py's float graph) quantized
@@ -103,9 +103,10 @@ N_CTX = 512  # window length (tokens)
 N_CHUNKS = 16  # windows a text: 8,192 tokens
 TEXT_TOKENS = N_CTX * N_CHUNKS
 CUT_MARGIN = 64  # tokens kept past TEXT_TOKENS in a text file, so that re-tokenising it still gives TEXT_TOKENS
-CALIB_CHUNKS = 100  # llama-imatrix: chunks of N_CTX tokens of training text
+CALIB_CHUNKS = 50  # llama-imatrix: chunks of N_CTX tokens of training text (25,600 tokens; the text holds 100,
+# but 100 chunks took too long on this loaded 2-core machine)
 THREADS = 2
-LADDER = ("q8_0", "q5_0", "q4_1", "q4_0", "iq4_nl", "q4_k_m", "q3_k_m", "q2_k")
+LADDER = ("q4_0", "iq4_nl", "q4_k_m", "q3_k_m", "q2_k", "q5_0", "q8_0", "q4_1")  # the sizes that matter first
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
 TOOLS_ENV = "WINQ_LLAMA_TOOLS"  # a folder holding the three binaries, instead of the cached build
 TOOLS_INFO = "llama-tools-build.json"  # the build record, beside the binaries
@@ -498,6 +499,17 @@ def parse_perplexity(out: str) -> dict:
     return res
 
 
+_CHUNK_ROW = re.compile(r"^\s*(\d+)\s+" + _NUM + _PM + _NUM + r"\s+" + _NUM + _PM + _NUM + r"\s+" + _NUM + _PM + _NUM
+                        + r"\s+" + _NUM + _PM + _NUM + r"\s*%\s+" + _NUM + _PM + _NUM + r"\s*%", re.M)
+
+
+def parse_chunk_table(out: str) -> list[dict]:
+    """The running figures llama-perplexity --kl-divergence prints after each chunk (cumulative over chunks 1..i):
+    [{chunk, ppl, kld, top1}], top1 a fraction."""
+    return [{"chunk": int(m.group(1)), "ppl": float(m.group(2)), "kld": float(m.group(6)),
+             "top1": float(m.group(10)) / 100} for m in _CHUNK_ROW.finditer(out)]
+
+
 def read_kld_base(path) -> dict:
     """Header of a llama-perplexity logits file (--kl-divergence-base): n_ctx, n_vocab, n_chunk and the token ids."""
     with open(path, "rb") as f:
@@ -552,7 +564,15 @@ def kld_base(text: TextFile, work=None, threads: int = THREADS, nice: int | None
     --kl-divergence run; the record (F16 ppl, command, llama.cpp's token ids vs the tokenizer's) is cached beside."""
     w = work_dir(work)
     base = w / "kld" / f"{text.name}.kld"
+    with _locked(base):  # another process (a `measure` beside `baselines`) may be writing the same file: wait
+        return _kld_base(text, w, base, threads, nice)
+
+
+def _kld_base(text: TextFile, w: Path, base: Path, threads: int, nice: int | None) -> dict:
     meta_path = base.with_suffix(".json")
+    while base.is_file() and not meta_path.is_file() and time.time() - base.stat().st_mtime < 60:
+        _log(f"{base} is being written by another process: waiting")  # one that did not take the lock
+        time.sleep(15)
     if base.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("text_sha256") == text.record["sha256"]:
@@ -607,6 +627,7 @@ def measure_gguf(path, texts=None, work=None, threads: int = THREADS, nice: int 
         r["seconds"] = round(time.perf_counter() - t0, 1)
         res["texts"][text.name] = r
         res["commands"].append(_cmd_str(cmd))
+        res.setdefault("logs", {})[text.name] = str(w / "logs" / f"kld-{tag}-{text.name}.log")
         _log(f"  {path.name} on {text.name}: ppl {r['ppl']:.4f}, KLD {r['kld']:.5f}, top-1 {100 * r['top1']:.2f}% "
              f"({r['seconds']} s)")
     return res
@@ -723,7 +744,7 @@ def score(logits_fn, wins: list[np.ndarray], ref=None, store_into=None, label: s
             elif callable(ref):
                 ref_lp, _ = _scored(ref(torch.from_numpy(w)), w)
             else:
-                ref_lp = torch.from_numpy(np.asarray(ref[c])).double()
+                ref_lp = torch.from_numpy(np.array(ref[c], dtype=np.float64))
             tally.add(lp, targets, ref_lp)
             if store_into is not None:
                 store_into[c] = lp.float().numpy()
@@ -948,20 +969,17 @@ def run_llamacpp(work=None, out=RESULTS, force: bool = False, threads: int = THR
     w = work_dir(work)
     texts = load_texts(w)
     f16 = ensure_f16(w)
+    imat = ensure_imatrix(w, threads) if True in imatrix_modes else None
     if force or not done("f16", out):
         _log("F16 (the reference of every GGUF point)")
         bases = {t.name: kld_base(t, w, threads) for t in texts.values()}
-        m = measure_gguf(f16, list(texts.values()), w, threads, tag="f16")  # against itself: KLD ~ 0, a check
-        for t, b in bases.items():
-            m["texts"][t]["ppl_base_run"] = b["f16"]["ppl"]
+        m = {"file": str(f16), "format": "gguf", "runtime": "llama.cpp", "reference": None, **gguf_size(f16),
+             "texts": {t: b["f16"] for t, b in bases.items()}, "commands": [b["command"] for b in bases.values()]}
         add_point("f16", m, {"family": "reference", "what": "the float model (dequantized Q4_1 values) as F16, "
-                             "written by winq's GGUF writer (exporters.gguf.write_gguf, float_weights)",
-                             "base_commands": [b["command"] for b in bases.values()]}, out, work=w)
-    imat = None
-    for with_imat in imatrix_modes:
-        if with_imat:
-            imat = ensure_imatrix(w, threads)
-        for qt in types:
+                             "written by winq's GGUF writer (exporters.gguf.write_gguf, float_weights); ppl from "
+                             "the --kl-divergence-base runs (KLD 0 and top-1 1 by definition)"}, out, work=w)
+    for qt in types:  # type by type, without then with the imatrix
+        for with_imat in imatrix_modes:
             name = f"llamacpp-{qt}{'-imat' if with_imat else ''}"
             if done(name, out) and not force:
                 _log(f"{name}: in {out} already (--force re-measures)")
@@ -982,9 +1000,10 @@ def run_llamacpp(work=None, out=RESULTS, force: bool = False, threads: int = THR
 
 
 def cross_check(work=None, out=RESULTS, point: str = "llamacpp-q4_0", text: str = "licenses",
-                threads: int = THREADS) -> dict:
+                threads: int = THREADS, n_windows: int = 4) -> dict:
     """KLD and top-1 of one GGUF on one text by winq's Python path (llama-cpp-python logits of the file and of the
-    F16 file, runtime/llamacpp.py, on llama-perplexity's own token windows) next to llama-perplexity's figures."""
+    F16 file, runtime/llamacpp.py, on llama-perplexity's own token windows) next to llama-perplexity's figures over
+    the same first `n_windows` windows (its running per-chunk table, read from the run's log)."""
     from winq.runtime.llamacpp import LlamaCppSession
     from winq.runtime.session import LoadOptions
 
@@ -996,7 +1015,12 @@ def cross_check(work=None, out=RESULTS, point: str = "llamacpp-q4_0", text: str 
     base = json.loads((w / "kld" / f"{text}.json").read_text())
     hdr = read_kld_base(base["file"])
     bos = bos_id(w)
-    wins = windows(hdr["tokens"], hdr["n_ctx"], hdr["n_chunk"], bos)
+    wins = windows(hdr["tokens"], hdr["n_ctx"], hdr["n_chunk"], bos)[:n_windows]
+    log = Path(p.get("logs", {}).get(text, w / "logs" / f"kld-{point}-{text}.log"))
+    rows = {r["chunk"]: r for r in parse_chunk_table(log.read_text(encoding="utf-8", errors="replace"))}
+    if len(wins) not in rows:
+        raise ConfigError(f"{log}: no per-chunk row {len(wins)} of llama-perplexity's table")
+    lp = {**rows[len(wins)], "source": f"{log}: the running row after chunk {len(wins)}"}
     opts = LoadOptions(threads=threads, context=N_CTX)
     _log(f"cross-check: {point} on {text} through llama-cpp-python (F32 KV cache) against F16")
     model = LlamaCppSession(p["file"], opts)
@@ -1004,11 +1028,9 @@ def cross_check(work=None, out=RESULTS, point: str = "llamacpp-q4_0", text: str 
     r = score(model.logits, wins, ref=ref.logits, label=f"cross-check {point}")
     tok = _tokenizer(_model_dir())
     hf_ids = load_texts(w, [text])[text].ids(tok)
-    lp = p["texts"][text]
-    res = {"point": point, "text": text, "python": r, "llama_perplexity": {k: lp.get(k) for k in
-                                                                           ("ppl", "kld", "kld_err", "top1")},
-           "kld_rel_diff": abs(r["kld"] - lp["kld"]) / lp["kld"], "windows": "the token ids stored in "
-           f"{base['file']} (llama.cpp's tokenization of the text), BOS first: {bos is not None}",
+    res = {"point": point, "text": text, "n_windows": len(wins), "python": r, "llama_perplexity": lp,
+           "kld_rel_diff": abs(r["kld"] - lp["kld"]) / lp["kld"], "windows": f"the first {len(wins)} windows of the "
+           f"token ids stored in {base['file']} (llama.cpp's tokenization of the text), BOS first: {bos is not None}",
            "llama_tokens_equal_hf_tokens": bool(np.array_equal(hdr["tokens"], hf_ids)),
            "runtime": "runtime/llamacpp.py LlamaCppSession (llama-cpp-python, F32 KV cache, logits_all); "
                       "llama-perplexity: F16 KV cache, base log-probs stored as uint16",
@@ -1088,8 +1110,13 @@ class _Calib:
 
 def quantize_onnx(v: OrtVariant, src: Path, dest: Path, calib_wins=None) -> str:
     """Quantize the fp32 ONNX folder `src` into `dest` with onnxruntime's MatMulNBitsQuantizer; returns the call."""
+    import logging
+
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as Q
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs a line per node at INFO
+    Q.logger.setLevel(logging.WARNING)
 
     from winq.formats.onnx import OrtDecoder, save_model
     from winq.fsutil import atomic_dir
@@ -1123,6 +1150,11 @@ def quantize_onnx(v: OrtVariant, src: Path, dest: Path, calib_wins=None) -> str:
         q = Q.MatMulNBitsQuantizer(str(src / "model.onnx"), **kw)
     q.process()
     m = q.model.model if hasattr(q.model, "model") else q.model
+    # the neural-compressor path (RTN, k_quant, GPTQ) leaves the tensors it did not touch (the embedding) as
+    # references into src's model.onnx.data: read them in before writing a folder of our own
+    from onnx.external_data_helper import load_external_data_for_model
+
+    load_external_data_for_model(m, str(src))
     with atomic_dir(dest) as tmp:
         save_model(m, tmp)
         for f in src.iterdir():
@@ -1168,7 +1200,7 @@ def run_ort(work=None, out=RESULTS, force: bool = False, threads: int = THREADS,
                   {"family": "reference", "what": "fp32 ONNX of the float model (winq.exporters.onnx.export_fp32)"},
                   out, work=w)
     calib = None
-    for v in variants or ORT_VARIANTS:
+    for v in ORT_VARIANTS if variants is None else variants:
         if done(v.name, out) and not force:
             _log(f"{v.name}: in {out} already (--force re-measures)")
             continue
@@ -1206,9 +1238,9 @@ def run_ort(work=None, out=RESULTS, force: bool = False, threads: int = THREADS,
 
 # --- gptqmodel
 
-GPTQ_BITS = (4, 3, 2)
+GPTQ_BITS = (2, 4, 3)  # 2 bits first: the size the 2-bit goal compares at
 GPTQ_GROUP = 128
-GPTQ_SAMPLES = 64  # calibration windows of N_CTX tokens
+GPTQ_SAMPLES = 32  # calibration windows of N_CTX tokens (16,384 tokens)
 
 
 def _hf_logits_fn(model):
@@ -1225,6 +1257,9 @@ def quantize_gptqmodel(bits: int, dest: Path, calib_ids: list[int], model_dir=No
     """gptqmodel GPTQ of the float model on CPU into `dest`; returns what was called."""
     import torch
 
+    # gptqmodel 7.6 sizes its CPU pool (cpu_count + 1) // 2 = 1 on 2 CPUs, then asks it for a 2-worker model loader:
+    # "ValueError: Virtual pool 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1". Its own override:
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, ((os.cpu_count() or 1) + 1) // 2)))
     with contextlib.redirect_stdout(sys.stderr):
         from gptqmodel import GPTQModel, QuantizeConfig
     from winq.fsutil import atomic_dir
@@ -1238,7 +1273,10 @@ def quantize_gptqmodel(bits: int, dest: Path, calib_ids: list[int], model_dir=No
         model.quantize(cal, batch_size=1)
         with atomic_dir(dest) as tmp:
             model.save(str(tmp))
-    return {"call": f"GPTQModel.load({src}, QuantizeConfig(bits={bits}, group_size={group}, desc_act=False, "
+    return {"env": {"GPTQMODEL_CPU_WORKERS": os.environ["GPTQMODEL_CPU_WORKERS"]},
+            "without_env": "ValueError: Virtual pool 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1 "
+                           "(gptqmodel/__init__.py _default_cpu_workers on a 2-CPU machine)",
+            "call": f"GPTQModel.load({src}, QuantizeConfig(bits={bits}, group_size={group}, desc_act=False, "
                     f"sym=True), device='cpu', dtype=torch.float32).quantize({GPTQ_SAMPLES} windows of {N_CTX} "
                     f"tokens of the calibration text, batch_size=1); .save()"}
 
@@ -1253,7 +1291,11 @@ def run_gptq(work=None, out=RESULTS, force: bool = False, threads: int = THREADS
     ensure_f16(w)
     wins = python_windows(texts, work=w)
     nw = n_model_weights()
-    if force or not done("hf-fp32", out) or not ref_ready("hf-fp32", texts, w):
+    ref_checked = False
+
+    def reference():
+        if not (force or not done("hf-fp32", out) or not ref_ready("hf-fp32", texts, w)):
+            return
         from winq.models import load_base_model
 
         _log("hf-fp32 (the reference of every GPTQ point: the float model in transformers)")
@@ -1265,6 +1307,7 @@ def run_gptq(work=None, out=RESULTS, force: bool = False, threads: int = THREADS
                   {"family": "reference", "what": "the float model (float32 safetensors) in transformers"}, out,
                   work=w)
         del model
+
     tok = _tokenizer(_model_dir())
     calib_ids = tok((w / "texts" / "calibration.txt").read_text(encoding="utf-8"),
                     add_special_tokens=False)["input_ids"]
@@ -1289,6 +1332,9 @@ def run_gptq(work=None, out=RESULTS, force: bool = False, threads: int = THREADS
                              "traceback_tail": tb[-12:]}, meta, out, work=w)
             _log(f"{name}: gptqmodel failed on CPU: {type(e).__name__}: {str(e)[:300]}")
             continue
+        if not ref_checked:  # the reference only once a quantization has worked
+            reference()
+            ref_checked = True
         try:
             from winq.runtime.gptq import load_gptq
 
@@ -1432,6 +1478,8 @@ def main(argv=None) -> int:
     ap.add_argument("--nice", type=int, default=10, help="build-tools: niceness of the compile (default 10)")
     ap.add_argument("--only", default="llamacpp,ort,gptq", help="baselines: families, comma-separated "
                                                                 "(llamacpp, ort, gptq; default all, in that order)")
+    ap.add_argument("--points", default=None, help="baselines: only these ORT / llama.cpp types, comma-separated "
+                                                     "(e.g. ort-rtn-4bit-b32,q4_0)")
     ap.add_argument("--gguf", help="measure: the GGUF file")
     ap.add_argument("--onnx", help="measure: an ONNX folder (scored by onnxruntime against ort-fp32)")
     ap.add_argument("--gptq", help="measure: a GPTQ folder (scored by transformers+gptqmodel against hf-fp32)")
@@ -1440,6 +1488,7 @@ def main(argv=None) -> int:
     ap.add_argument("--note", default=None, help="measure: free text kept in the point's meta (e.g. the command)")
     ap.add_argument("--point", default="llamacpp-q4_0", help="cross-check: the GGUF point")
     ap.add_argument("--text", default="licenses", help="cross-check: the text")
+    ap.add_argument("--windows", type=int, default=4, help="cross-check: windows compared (default 4 of 16)")
     a = ap.parse_args(argv)
     try:
         if a.phase == "build-tools":
@@ -1452,8 +1501,15 @@ def main(argv=None) -> int:
             if bad:
                 raise ConfigError(f"--only {bad[0]!r}: choose from llamacpp, ort, gptq")
             load_texts(a.work)  # a clear error before anything heavy
+            sel = [x.strip() for x in a.points.split(",") if x.strip()] if a.points else None
             for f in fams:
-                {"llamacpp": run_llamacpp, "ort": run_ort, "gptq": run_gptq}[f](a.work, a.out, a.force, a.threads)
+                if f == "llamacpp":
+                    run_llamacpp(a.work, a.out, a.force, a.threads, [t for t in LADDER if t in sel] if sel else LADDER)
+                elif f == "ort":
+                    run_ort(a.work, a.out, a.force, a.threads, [v for v in ORT_VARIANTS if v.name in sel] if sel
+                            else None)
+                else:
+                    run_gptq(a.work, a.out, a.force, a.threads)
             print(table(load_results(a.out)))
         elif a.phase == "measure":
             given = [x for x in (a.gguf, a.onnx, a.gptq) if x]
@@ -1468,7 +1524,7 @@ def main(argv=None) -> int:
             add_point(a.name, m, {"family": a.family, "note": a.note}, a.out, work=a.work)
             print(table({"points": {a.name: load_results(a.out)["points"][a.name]}}))
         elif a.phase == "cross-check":
-            cross_check(a.work, a.out, a.point, a.text, a.threads)
+            cross_check(a.work, a.out, a.point, a.text, a.threads, a.windows)
         elif a.phase == "plot":
             report = update_results(lambda r: None, a.out, work=a.work)
             _log(f"plot: {Path(a.out).with_suffix('.png')} ({len(report.get('points', {}))} points)")

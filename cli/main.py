@@ -243,6 +243,9 @@ def eval_cmd(
         ),
     ] = None,
     threads: ThreadsOpt = None,
+    with_float: Annotated[bool, typer.Option("--float/--no-float", help="also run the float model (--model, else "
+                                             "the checkpoint's base model) and report every backend's KL divergence "
+                                             "to it and top-1 agreement with it")] = True,
     as_json: JsonOpt = False,
 ):
     """Perplexity of one or more backends on the same token ids and windows; with several, the
@@ -253,7 +256,8 @@ def eval_cmd(
 
     def go():
         from winq.evaluate import eval_ids
-        from winq.runtime.backends import BACKENDS, LoadOptions, parse_names, resolve_artifact, tokenizer_for
+        from winq.runtime.backends import (BACKENDS, LoadOptions, float_model_for, parse_names, resolve_artifact,
+                                           tokenizer_for)
         from winq.runtime.compare import compare
 
         names = parse_names(backend)
@@ -274,10 +278,18 @@ def eval_cmd(
         opts = LoadOptions(threads=threads, context=seq_len, accuracy_level=accuracy_level, act=act,
                            act_artifact=act_from)
         sessions = {n: BACKENDS[n].load(paths[n], opts) for n in order}
+        fp_path = float_model_for(given) if with_float and "fp" not in order else None
+        if fp_path is not None:  # the float model, after every artifact loaded (or was refused)
+            paths["fp"] = fp_path
+            sessions["fp"] = BACKENDS["fp"].load(fp_path, opts)
+        elif with_float and "fp" not in order and not as_json:
+            note("no float model is known for these artifacts (their checkpoint records none): pass --model to "
+                 "report KL to it", label="note:")
         tok = tokenizer_for([checkpoint, *paths.values()])
         ids = eval_ids(tok, data, split, max_tokens or None)
         res = compare(
-            {n: s.logits for n, s in sessions.items()}, ids, seq_len=seq_len, stride=stride, progress=not as_json
+            {n: s.logits for n, s in sessions.items()}, ids, seq_len=seq_len, stride=stride, progress=not as_json,
+            float_ref="fp" if "fp" in sessions else None,
         )
         plan = getattr(sessions.get("fakequant"), "act_plan", None)
         if plan is not None:
@@ -299,6 +311,7 @@ def eval_cmd(
                     "stride": stride or seq_len - 1,
                     "results": results,
                     **({"reference": ref, "ppl_relative_diff": rel} if rel else {}),
+                    **({"float_reference": res["float_reference"]} if res.get("float_reference") else {}),
                     **({"act": res["act"]} if "act" in res else {}),
                 },
                 indent=2,
@@ -306,7 +319,9 @@ def eval_cmd(
         )
         return
     t = Table(title=f"{data}/{split}: {next(iter(results.values()))['tokens']} tokens, windows of {seq_len}")
-    cols = ("backend", "ppl", "rel. diff", "KL", "top-1 agree", "seconds")
+    fl = res.get("float_reference")
+    cols = ("backend", "ppl", "rel. diff", "KL", "top-1 agree", *(("KL to float", "top-1 float") if fl else ()),
+            "seconds")
     for c in cols:
         t.add_column(c, justify="left" if c == "backend" else "right")
     for name, r in results.items():
@@ -315,6 +330,8 @@ def eval_cmd(
             if name == ref
             else (f"{r['ppl_rel_diff']:+.3e}", f"{r['kl']:.3e}", f"{r['top1_agreement']:.4f}")
         )
+        if fl:
+            extra = (*extra, *(("float", "") if name == fl else (f"{r['kl_float']:.3e}", f"{r['top1_float']:.4f}")))
         t.add_row(name, f"{r['ppl']:.6f}", *extra, f"{r['seconds']:.1f}")
     out.print(t)
     for name, d in rel.items():
@@ -363,11 +380,25 @@ def _format_options() -> tuple[list, dict[str, tuple[str, list[str]]]]:
     return params, owners
 
 
+def _float_kinds(manifest: dict) -> str:
+    """'61 f32, 1 q8_0': how many of the manifest's non-quantized tensors each storage type holds."""
+    from collections import Counter
+
+    kinds = Counter(str(f.get("dtype", "float")) for f in manifest.get("float_tensors", []))
+    return ", ".join(f"{n} {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])) or "none"
+
+
+DEFAULT_EXPORT = {"gguf": Path("runs/winq-gguf/model.gguf"), "onnx": Path("runs/winq-onnx"),
+                  "gptq": Path("runs/winq-gptq")}  # winq export's --out when none is given
+
+
 def export_cmd(
-    checkpoint: Annotated[Path, typer.Option(help="winq checkpoint folder (written by `winq train`)")],
+    checkpoint: Annotated[Path, typer.Option(help="winq checkpoint folder (written by `winq train`)")]
+    = Path("runs/winq"),
     out_dir: Annotated[
-        Path, typer.Option("--out", help="folder to write (written to a temporary sibling, renamed when verified)")
-    ],
+        Optional[Path], typer.Option("--out", help="where to write (a temporary sibling, renamed when verified); "
+                                     "default: runs/winq-gguf/model.gguf, runs/winq-onnx or runs/winq-gptq")
+    ] = None,
     fmt: Annotated[
         str, typer.Option("--format", help="export format: gguf (a llama.cpp file) | gptq (a folder) | onnx (a folder)")
     ] = "gptq",
@@ -396,7 +427,8 @@ def export_cmd(
             opts[key] = value
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExportWarning)  # printed below as notes
-            return export(fmt, checkpoint, out_dir, overwrite=overwrite, **opts)
+            dest = out_dir if out_dir is not None else DEFAULT_EXPORT[fmt]
+            return export(fmt, checkpoint, dest, overwrite=overwrite, **opts)
 
     res = _run(go)
     m = res.manifest
@@ -441,8 +473,7 @@ def export_cmd(
     out.print(
         f"wrote {res.out}{rec}: {s['tensors']} quantized tensors, max error {s['max_abs_err']:g} (read back from the "
         "file), "
-        f"{s['bits_per_weight']:.3f} bits/weight, {s['float_tensors']} tensors in "
-        f"{info.get('float_dtype') or info.get('keep') or 'float'}, "
+        f"{s['bits_per_weight']:.3f} bits/weight, {s['float_tensors']} other tensors ({_float_kinds(m)}), "
         f"{res.seconds:.1f} s",
         highlight=False,
     )

@@ -165,6 +165,26 @@ def resolve_artifact(backend: Backend, given: dict) -> Path:
     return path
 
 
+def float_model_for(given: dict) -> Path | None:
+    """The float model behind the artifacts of `winq eval` (what "KL to the float model" compares with): --model,
+    else the base model that --checkpoint (or an export's source checkpoint) records, else the built-in default
+    when nothing names a checkpoint; None when a checkpoint records no base model (saved outside `winq train`)."""
+    from winq.checkpoint import read_info
+    from winq.formats.manifest import source_checkpoint
+    from winq.models import resolve_model
+
+    if given.get("model"):
+        return resolve_model(given["model"])
+    cks = [given.get("checkpoint")] + [source_checkpoint(given[k]) for k in ("gguf", "onnx", "gptq", "packed")
+                                       if given.get(k)]
+    known = [ck for ck in cks if ck is not None and (Path(ck) / "winq.json").is_file()]
+    for ck in known:
+        base = read_info(ck).get("base_model")
+        if base:
+            return resolve_model(base)
+    return None if known or any(given.get(k) for k in ("gguf", "onnx", "gptq", "packed")) else resolve_model(None)
+
+
 def backends_for(fmt: str) -> list[str]:
     """Names of the backends that run an artifact of format `fmt` (winq inspect)."""
     return [b.name for b in BACKENDS.values() if fmt in b.format.split("|")]

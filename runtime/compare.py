@@ -5,8 +5,9 @@ Session's `logits` (runtime/backends.py). The
 windows are winq.evaluate.windows() (the same ids and scored positions for every backend).
 Per backend: perplexity; against the reference backend (the first, normally fakequant):
 relative perplexity difference, mean KL(reference || backend) per scored token and top-1
-agreement. Logits are compared as they are produced, so memory stays at one window per
-backend whatever the number of tokens.
+agreement; with `float_ref` (the float model's backend, `winq eval` adds it by default) also KL to the
+float model and top-1 agreement with it, the gap quantization opened. Logits are compared as they
+are produced, so memory stays at one window per backend whatever the number of tokens.
 """
 
 from __future__ import annotations
@@ -30,9 +31,15 @@ def model_logits_fn(model, device="cpu") -> Callable[[torch.Tensor], torch.Tenso
 
 @torch.no_grad()
 def compare(backends: dict[str, Callable[[torch.Tensor], torch.Tensor]], ids: torch.Tensor, seq_len: int = 512,
-            stride: int | None = None, progress: bool = False) -> dict:
+            stride: int | None = None, progress: bool = False, float_ref: str | None = None) -> dict:
+    """float_ref: the name of a float model's backend among `backends` (e.g. "fp"); every other backend then also
+    gets kl_float / top1_float: KL(float || backend) and top-1 agreement with the float model."""
     names = list(backends)
     ref = names[0]
+    if float_ref is not None and float_ref not in backends:
+        raise ValueError(f"float_ref {float_ref!r} is not among the backends {names}")
+    kl_f = {n: 0.0 for n in names if n != float_ref}
+    agree_f = {n: 0 for n in names if n != float_ref}
     ws = windows(ids.numel(), seq_len, stride or seq_len)
     nll = {n: 0.0 for n in names}
     kl = {n: 0.0 for n in names[1:]}
@@ -62,6 +69,11 @@ def compare(backends: dict[str, Callable[[torch.Tensor], torch.Tensor]], ids: to
                 p_ref = logp[ref].exp()
                 kl[n] += (p_ref * (logp[ref] - logp[n])).sum().item()
                 agree[n] += (logp[ref].argmax(-1) == logp[n].argmax(-1)).sum().item()
+            if float_ref is not None:
+                p_f, top_f = logp[float_ref].exp(), logp[float_ref].argmax(-1)
+                for n in kl_f:
+                    kl_f[n] += (p_f * (logp[float_ref] - logp[n])).sum().item()
+                    agree_f[n] += (top_f == logp[n].argmax(-1)).sum().item()
             count += targets.numel()
             if bar is not None:
                 bar.update(task, advance=1)
@@ -76,5 +88,8 @@ def compare(backends: dict[str, Callable[[torch.Tensor], torch.Tensor]], ids: to
             r["ppl_rel_diff"] = r["ppl"] / math.exp(nll[ref] / count) - 1.0
             r["kl"] = kl[n] / count
             r["top1_agreement"] = agree[n] / count
+        if float_ref is not None and n != float_ref:
+            r["kl_float"] = kl_f[n] / count
+            r["top1_float"] = agree_f[n] / count
         out[n] = r
-    return {"reference": ref, "results": out}
+    return {"reference": ref, "results": out, **({"float_reference": float_ref} if float_ref else {})}

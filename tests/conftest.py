@@ -55,7 +55,7 @@ def tiny_ckpt(tiny_llama, tmp_path_factory) -> Path:
     from winq.checkpoint import save_checkpoint
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
-    cfg = winq.QuantConfig(bits=4)
+    cfg = winq.QuantConfig(bits=4, group_size=-1, embed="float")
     winq.prepare(model, cfg)
     tok = AutoTokenizer.from_pretrained(str(tiny_llama))
     return save_checkpoint(tmp_path_factory.mktemp("tiny-ckpt") / "ck", model, tok, cfg, None)

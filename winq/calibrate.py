@@ -124,8 +124,11 @@ def collect_hessians(model: nn.Module, names: list[str], batches: list[torch.Ten
     was = model.training
     model.eval()
     try:
+        prefix = getattr(model, "base_model_prefix", "")
+        inside = prefix and hasattr(model, prefix) and all(n.startswith(prefix + ".") for n in names)
+        body = getattr(model, prefix) if inside else model  # the decoder alone when the head is not calibrated
         for b in batches:
-            model(input_ids=b)
+            body(input_ids=b)
             last.update(name=None, x=None)
     finally:
         for h in handles:

@@ -8,6 +8,7 @@
         optimizer.safetensors  AdamW moments and step per parameter (keyed by parameter name)
         rng.safetensors        CPU / CUDA generator states (the noise stream's draw counter is in state.json)
         diagnostics.safetensors  the code-flip tracker's reference codes and weights (winq.diagnostics)
+        best.safetensors   keep_best: the best evaluated state so far, when it is not the saved one
         state.json             step, scheduler position, data position, metrics so far
 
 Safetensors and JSON only: nothing is unpickled when a checkpoint is read. A checkpoint is
@@ -112,6 +113,8 @@ def save_checkpoint(
             save_file(trainer_state["rng"], str(ts / "rng.safetensors"))
             if trainer_state.get("diagnostics"):
                 save_file(trainer_state["diagnostics"], str(ts / "diagnostics.safetensors"))
+            if trainer_state.get("best"):  # keep_best: the best evaluated state so far, when it is not this one
+                save_file(trainer_state["best"], str(ts / "best.safetensors"))
             (ts / "state.json").write_text(json.dumps(trainer_state["json"], indent=2) + "\n")
         # files that live beside the checkpoint (the live metrics log) are carried over
         for name in CARRIED:
@@ -214,6 +217,7 @@ def load_trainer_state(path) -> dict | None:
             if (ts / "diagnostics.safetensors").is_file()
             else {},
             "json": json.loads((ts / "state.json").read_text()),
+            "best": load_file(str(ts / "best.safetensors")) if (ts / "best.safetensors").is_file() else {},
         }
     except Exception as e:
         raise CheckpointError(f"{ts}: corrupt trainer state ({type(e).__name__}: {e})") from None

@@ -33,7 +33,7 @@ class QuantConfig:
     quantize_lm_head: bool = False  # the output projection stays full precision unless asked
     skip: tuple[str, ...] = ()  # module-name substrings that stay full precision
     init: str = "gptq"  # step-0 quantizer (winq.calibrate): max (the WinQ reference) | search | gptq
-    calib_tokens: int = 16384  # calibration tokens (at most) for init search / gptq, from the training data
+    calib_tokens: int = 8192  # calibration tokens (at most) for init search / gptq, from the training data
     embed: str = "q8_0"  # token embeddings (and a float lm_head): q8_0 (snapped to Q8_0's lattice, frozen: the
     #                      GGUF export stores them as Q8_0 exactly, as llama.cpp's Q4_0 files do) | float (trained)
 
@@ -69,8 +69,8 @@ class QuantConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     method: str = "winq"  # winq (reset + noise) | qat (the ParetoQ baseline: neither)
-    steps: int = 60  # optimizer steps
-    lr: float = 2e-5  # peak learning rate (AdamW) for the latent weights
+    steps: int = 40  # optimizer steps
+    lr: float = 1e-4  # peak learning rate (AdamW) for the latent weights (and the scales unless scale_lr)
     scale_lr: float | None = None  # learning rate for the learned scales/zeros (None: same as lr)
     weight_decay: float = 0.0
     warmup_steps: int = -1  # -1: 5% of steps
@@ -93,8 +93,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     save_every: int = 0  # 0: save only at the end
-    eval_every: int = 0  # 0: no periodic held-out eval
-    eval_batches: int = 8  # held-out batches per periodic eval
+    eval_every: int = 10  # held-out eval every N steps (and at steps 0 and the last); 0: none (keep_best needs it)
+    eval_batches: int = 4  # held-out batches per periodic eval
     diag_every: int = 1  # code-flip diagnostics (winq.diagnostics) every N steps; 0: off (adaptive resets need them)
     diag_sample: int = 1_000_000  # latent weights sampled for the diagnostics (all of them in smaller models)
     distill: float = 1.0  # weight of the KL divergence to the float teacher in the loss, the rest next-token

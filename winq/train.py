@@ -256,6 +256,7 @@ class _Run:
         else:
             net, tok, self.base_path = load_base_model(self.model_arg)
             train_ids = token_ids(self.data, "train", tok, progress=show)
+            PackedBlocks(train_ids, tcfg.seq_len)  # too little data: refused before the teacher and the calibration
             self._start(net, tok, train_ids, show)
         net.config.use_cache = False
         net.train()
@@ -333,6 +334,9 @@ class _Run:
         if self.noise is not None and "noise" in js:
             self.noise.load_state_dict(js["noise"])
         self.schedule.load_state(js.get("schedule", {}))
+        if "best" in js:  # keep_best across the interruption: the saved best, or this very state
+            kept = state.get("best") or {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+            self.best = (int(js["best"]["step"]), float(js["best"]["score"]), kept)
         if self.tracker is not None:
             self.tracker.load_state_tensors(state.get("diagnostics", {}))
             if self.tracker.reset_codes is None:
@@ -473,10 +477,16 @@ class _Run:
         }
         if self.noise is not None:
             js["noise"] = self.noise.state_dict()
+        best = {}
+        if self.best is not None and not final:  # resume continues the keep_best comparison exactly
+            js["best"] = {"step": self.best[0], "score": self.best[1]}
+            if self.best[0] != step:
+                best = {k: v.contiguous() for k, v in self.best[2].items()}
         ts = {
             "optimizer": optimizer_state_tensors(self.opt, unwrapped) if not self.fsdp else {},
             "rng": _rng_state(),
             "diagnostics": self.tracker.state_tensors() if self.tracker is not None else {},
+            "best": best,
             "json": js,
         }
         meta = {

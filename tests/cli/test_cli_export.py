@@ -100,7 +100,9 @@ def test_eval_fakequant_and_llamacpp(ck4, gguf_file, text_file):
     assert r.exit_code == 0, (r.output, r.exception)
     out = json.loads(r.stdout)
     res = out["results"]
-    assert list(res) == ["fakequant", "llamacpp"]
+    assert list(res) == ["fakequant", "llamacpp", "fp"]  # the float model is added: KL to it for every backend
+    assert out["float_reference"] == "fp"
+    assert res["llamacpp"]["kl_float"] > 0 and 0 < res["fakequant"]["top1_float"] <= 1
     assert res["llamacpp"]["tokens"] == res["fakequant"]["tokens"] > 300
     assert math.isfinite(res["llamacpp"]["ppl"])
     # exact weights; llama.cpp's 8-bit activations leave a small gap (below 6.3e-4 on the tiny models of test_gguf.py)

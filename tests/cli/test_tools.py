@@ -48,7 +48,7 @@ def ckpt(tiny_llama, tmp_path_factory) -> Path:
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(tiny_llama))
-    cfg = winq.QuantConfig(bits=4)
+    cfg = winq.QuantConfig(bits=4, group_size=-1, embed="float")
     winq.prepare(model, cfg)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

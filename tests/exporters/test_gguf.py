@@ -231,7 +231,7 @@ def test_export_refuses_unknown_options_and_leaves_nothing(bases, tmp_path):
         export("gguf", ck, out, type="q5_k")
     with pytest.raises(ConfigError, match="unknown option block_size; options are type, keep"):
         export("gguf", ck, out, block_size=32)
-    with pytest.raises(ConfigError, match="choose one of f16, f32, q8_0"):
+    with pytest.raises(ConfigError, match="choose one of auto, f16, f32, q8_0"):
         export("gguf", ck, out, keep="bf16")
     with pytest.raises(ConfigError, match="cannot hold lsq 4-bit"):
         export("gguf", ck, out, type="tq1_0")

@@ -52,7 +52,7 @@ def make_checkpoint(base: Path, out: Path, grid: str, bits: int, group: int, zer
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(base))
-    cfg = winq.QuantConfig(bits=bits, grid=grid, group_size=group, **qkw)
+    cfg = winq.QuantConfig(bits=bits, grid=grid, group_size=group, **{"embed": "float", **qkw})
     winq.prepare(model, cfg)
     g = torch.Generator().manual_seed(bits * 1000 + group)
     with torch.no_grad():
@@ -223,7 +223,7 @@ def test_refusals_leave_nothing(base128, tmp_path, tiny_llama):
     from winq.models import load_base_model
 
     net, tok, _ = load_base_model(str(tiny_llama))
-    cfg = winq.QuantConfig(bits=3)
+    cfg = winq.QuantConfig(bits=3, group_size=-1, embed="float")
     ck3 = save_checkpoint(tmp_path / "ck3", winq.prepare(net, cfg), tok, cfg, None)
     with pytest.raises(ConfigError, match=r"model\.layers\.0\.self_attn\.k_proj: out_features=16 is not a multiple of "
                                           r"32"):

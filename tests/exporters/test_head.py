@@ -200,7 +200,7 @@ def test_gguf_keep_refusals_name_the_valid_choices(bases, tmp_path):
     with pytest.raises(ConfigError, match=r"--keep q6_k stores rows in blocks of 256, but model.embed_tokens.weight "
                                           r"has rows of 96: choose one of f16, f32, q8_0$"):
         export("gguf", ck, out, keep="q6_k")
-    with pytest.raises(ConfigError, match="choose one of f16, f32, q8_0, q6_k"):
+    with pytest.raises(ConfigError, match="choose one of auto, f16, f32, q8_0, q6_k"):
         export("gguf", ck, out, keep="q4_0")
     with pytest.raises(ConfigError, match="keep_eval_tokens=-2"):
         export("gguf", ck, out, keep_eval_tokens=-2)

@@ -25,7 +25,7 @@ def save_tiny_checkpoint(base: Path, out: Path, bits: int = 4, seed: int = 0) ->
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(base))
-    cfg = winq.QuantConfig(bits=bits)
+    cfg = winq.QuantConfig(bits=bits, group_size=-1, embed="float")
     winq.prepare(model, cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -174,7 +174,7 @@ def _tiny_gguf(root: Path) -> Path:
 
     base = make_model_dir(root / "base", "llama", seed=0, hidden=256, inter=512)
     model = AutoModelForCausalLM.from_pretrained(str(base))
-    cfg = winq.QuantConfig(bits=4, grid="lsq")
+    cfg = winq.QuantConfig(bits=4, grid="lsq", group_size=-1, embed="float")
     ck = save_checkpoint(root / "ck", winq.prepare(model, cfg), AutoTokenizer.from_pretrained(str(base)), cfg, None)
     return export("gguf", ck, root / "model.gguf").out
 

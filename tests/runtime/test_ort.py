@@ -32,7 +32,7 @@ def make_checkpoint(base: Path, out: Path, grid: str, bits: int, group: int) -> 
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(base))
-    cfg = winq.QuantConfig(bits=bits, grid=grid, group_size=group)
+    cfg = winq.QuantConfig(bits=bits, grid=grid, group_size=group, embed="float")
     winq.prepare(model, cfg)
     g = torch.Generator().manual_seed(7 * bits)
     with torch.no_grad():

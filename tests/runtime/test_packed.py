@@ -15,8 +15,11 @@ from winq.evaluate import perplexity
 from winq.runtime.compare import compare, model_logits_fn
 from winq.runtime.packed import PackedLinear, load_packed, pack_model
 
-CONFIGS = [QuantConfig(bits=2), QuantConfig(bits=3, group_size=16), QuantConfig(bits=4, group_size=32),
-           QuantConfig(bits=8), QuantConfig(bits=2, grid="ternary"), QuantConfig(bits=4, grid="affine", group_size=16)]
+_OLD = dict(embed="float")  # float embeddings, as these configurations were written for
+CONFIGS = [QuantConfig(bits=2, group_size=-1, **_OLD), QuantConfig(bits=3, group_size=16, **_OLD),
+           QuantConfig(bits=4, group_size=32, **_OLD), QuantConfig(bits=8, group_size=-1, **_OLD),
+           QuantConfig(bits=2, grid="ternary", group_size=-1, **_OLD),
+           QuantConfig(bits=4, grid="affine", group_size=16, **_OLD)]
 
 
 def _prepared(path, qcfg, seed=0):
@@ -56,9 +59,9 @@ def test_load_packed_from_checkpoint(tiny_llama, tmp_path):
     from winq.checkpoint import load_checkpoint, save_checkpoint
     from transformers import AutoTokenizer
 
-    m = _prepared(tiny_llama, QuantConfig(bits=3, group_size=32))
+    m = _prepared(tiny_llama, QuantConfig(bits=3, group_size=32, embed="float"))
     save_checkpoint(tmp_path / "ck", m, AutoTokenizer.from_pretrained(str(tiny_llama)),
-                    QuantConfig(bits=3, group_size=32), None)
+                    QuantConfig(bits=3, group_size=32, embed="float"), None)
     p = load_packed(tmp_path / "ck")
     f, _, _ = load_checkpoint(tmp_path / "ck")
     x = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(2))
@@ -74,9 +77,9 @@ def test_load_packed_from_gptq_export(tiny_llama, tmp_path):
     from winq.checkpoint import load_checkpoint, save_checkpoint
     from winq.exporters import export
 
-    for i, (qcfg, fmt) in enumerate([(QuantConfig(bits=4, group_size=32), "gptq"), (QuantConfig(bits=2, grid="ternary"),
-                                                                                    "gptq_v2"),
-                                     (QuantConfig(bits=8), "gptq")]):  # 3-bit needs out % 32 == 0 (k_proj is 16 wide)
+    for i, (qcfg, fmt) in enumerate([(QuantConfig(bits=4, group_size=32, **_OLD), "gptq"),
+                                     (QuantConfig(bits=2, grid="ternary", group_size=-1, **_OLD), "gptq_v2"),
+                                     (QuantConfig(bits=8, group_size=-1, **_OLD), "gptq")]):  # 3-bit: out % 32
         m = _prepared(tiny_llama, qcfg, seed=i)
         ck = tmp_path / f"ck{i}"
         save_checkpoint(ck, m, AutoTokenizer.from_pretrained(str(tiny_llama)), qcfg, None)
@@ -94,7 +97,7 @@ def test_load_packed_from_gptq_export(tiny_llama, tmp_path):
 
 
 def test_compare_reports_kl_and_agreement(tiny_llama):
-    m = _prepared(tiny_llama, QuantConfig(bits=4))
+    m = _prepared(tiny_llama, QuantConfig(bits=4, group_size=-1, embed="float"))
     fp = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
     ids = torch.randint(0, m.config.vocab_size, (150,), generator=torch.Generator().manual_seed(4))
     res = compare({"fakequant": model_logits_fn(m), "same": model_logits_fn(m), "fp": model_logits_fn(fp)}, ids,

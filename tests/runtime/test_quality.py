@@ -18,21 +18,27 @@ DATA = Path(__file__).parent / "data"
 
 
 def test_parse_kl_divergence_run():
-    """A captured `llama-perplexity --kl-divergence` run (the default model's Q4_0 against its F16, one text)."""
-    r = Q.parse_perplexity((DATA / "llama_perplexity_kld.log").read_text(encoding="utf-8"))
+    """A captured `llama-perplexity --kl-divergence` run here (a 4-bit GGUF of the default model against its F16, on
+    stdlib-docs): the final statistics and the running per-chunk table."""
+    out = (DATA / "llama_perplexity_kld.log").read_text(encoding="utf-8")
+    r = Q.parse_perplexity(out)
     assert (r["n_chunks"], r["n_ctx"], r["n_scored"]) == (16, 512, 16 * 255)
-    assert r["ppl"] == pytest.approx(41.917458) and r["ppl_err"] == pytest.approx(1.102905)
-    assert r["ppl_base"] == pytest.approx(34.816404)
-    assert r["kld"] == pytest.approx(0.212432) and r["kld_err"] == pytest.approx(0.003932)
-    assert r["kld_median"] == pytest.approx(0.109012) and r["kld_max"] == pytest.approx(7.023211)
-    assert r["top1"] == pytest.approx(0.80882) and r["top1_err"] == pytest.approx(0.00616)
-    assert 0 < r["rms_dp"] < 1
+    assert r["ppl"] == pytest.approx(10.633814) and r["ppl_err"] == pytest.approx(0.442680)
+    assert r["ppl_base"] == pytest.approx(9.012892) and r["ln_ppl_ratio"] == pytest.approx(0.165383)
+    assert r["kld"] == pytest.approx(0.181196) and r["kld_err"] == pytest.approx(0.003497)
+    assert r["kld_median"] == pytest.approx(0.129763) and r["kld_max"] == pytest.approx(5.358251)
+    assert r["top1"] == pytest.approx(0.79657) and r["top1_err"] == pytest.approx(0.0063)
+    assert r["rms_dp"] == pytest.approx(0.12159)
+    rows = Q.parse_chunk_table(out)
+    assert [x["chunk"] for x in rows] == list(range(1, 17))
+    assert rows[0] == {"chunk": 1, "ppl": 14.9002, "kld": 0.15906, "top1": pytest.approx(0.8)}
+    assert rows[-1]["kld"] == pytest.approx(r["kld"], abs=1e-5) and rows[-1]["top1"] == pytest.approx(r["top1"])
 
 
 def test_parse_perplexity_run():
-    """A captured base run (F16, `--kl-divergence-base`): only the final estimate."""
+    """A captured base run (the default model's F16 on stdlib-docs, `--kl-divergence-base`): the final estimate."""
     r = Q.parse_perplexity((DATA / "llama_perplexity_base.log").read_text(encoding="utf-8"))
-    assert r["ppl"] == pytest.approx(34.8164) and r["ppl_err"] == pytest.approx(0.91357)
+    assert r["ppl"] == pytest.approx(9.0142) and r["ppl_err"] == pytest.approx(0.36498)
     assert (r["n_chunks"], r["n_ctx"]) == (16, 512)
     assert "kld" not in r and "top1" not in r
 
@@ -40,7 +46,8 @@ def test_parse_perplexity_run():
 def test_parse_garbage_and_mis_decoded_sign():
     with pytest.raises(ConfigError, match="could not parse llama-perplexity"):
         Q.parse_perplexity("main: build = 1\nerror: failed to load model\n")
-    text = "Mean PPL(Q)                   :  10.500000 \ufffd\ufffd   0.100000\nMean    KLD:   0.010000 +/-   0.001000\n"
+    text = ("Mean PPL(Q)                   :  10.500000 \ufffd\ufffd   0.100000\n"
+            "Mean    KLD:   0.010000 +/-   0.001000\n")
     r = Q.parse_perplexity(text)
     assert r["ppl"] == 10.5 and r["kld"] == 0.01 and r["kld_err"] == 0.001
 

@@ -279,8 +279,10 @@ def test_train_with_act_quant_is_recorded_and_applied(tiny_llama, text_file, tmp
         return orig(self, x)
 
     monkeypatch.setattr(QuantLinear, "forward", spy)
-    tcfg = winq.TrainConfig(steps=2, seq_len=16, batch_size=1, act_quant="q8_0", diag_every=0, reinit_every=-1)
-    res = train(str(tiny_llama), str(text_file), winq.QuantConfig(bits=4), tcfg, tmp_path / "run", progress=False)
+    tcfg = winq.TrainConfig(steps=2, seq_len=16, batch_size=1, act_quant="q8_0", diag_every=0, reinit_every=-1,
+                           eval_every=0, distill=0.0)
+    qc = winq.QuantConfig(bits=4, group_size=-1, embed="float")
+    res = train(str(tiny_llama), str(text_file), qc, tcfg, tmp_path / "run", progress=False)
     assert res.final_loss is not None and res.final_loss == res.final_loss
     assert seen and all(a == ActQuant("q8_0") and tr and g for a, tr, g in seen)
     assert read_info(tmp_path / "run")["train"]["act_quant"] == "q8_0"
@@ -292,7 +294,7 @@ def _ckpt_trained_with(base, out, act: str, bits=4, grid="lsq"):
     from winq.checkpoint import save_checkpoint
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    cfg = winq.QuantConfig(bits=bits, grid=grid)
+    cfg = winq.QuantConfig(bits=bits, grid=grid, group_size=-1, embed="float")
     winq.prepare(model, cfg)
     tok = AutoTokenizer.from_pretrained(str(base))
     return save_checkpoint(out, model, tok, cfg, winq.TrainConfig(act_quant=act))
@@ -422,7 +424,7 @@ import json, sys
 from transformers import AutoModelForCausalLM
 import winq
 from winq.actplan import train_act_plan
-qcfg = winq.QuantConfig(bits=2, grid="seq", group_size=-1)
+qcfg = winq.QuantConfig(bits=2, grid="seq", group_size=-1, embed="float")
 model = winq.prepare(AutoModelForCausalLM.from_pretrained({str(tiny_mixed)!r}), qcfg)
 plan = train_act_plan(model, "llamacpp")
 loaded = sorted(m for m in sys.modules if m.startswith("winq.") and m.split(".")[1] in ("runtime", "exporters", "cli"))
@@ -440,7 +442,8 @@ print(json.dumps({{"plan": {{n: str(a) for n, a in plan.items()}}, "loaded": loa
 
     from winq.runtime.act import llamacpp_plan
 
-    qcfg = winq.QuantConfig(bits=2, grid="seq", group_size=-1)  # per-row scales: 256-wide rows fit Q2_K's blocks
+    # per-row scales: 256-wide rows fit Q2_K's blocks
+    qcfg = winq.QuantConfig(bits=2, grid="seq", group_size=-1, embed="float")
     model = winq.prepare(AutoModelForCausalLM.from_pretrained(str(tiny_mixed)), qcfg)
     assert {n: str(a) for n, a in llamacpp_plan(model).quant.items()} == got["plan"]
 
@@ -460,7 +463,8 @@ def test_train_act_quant_llamacpp_mixed_plan_matches_the_gguf_export(tiny_mixed,
     monkeypatch.setattr(QuantLinear, "forward", spy)
     tcfg = winq.TrainConfig(steps=2, seq_len=16, batch_size=1, act_quant="llamacpp", diag_every=0, reinit_every=-1)
     out = tmp_path / "run"
-    train(str(tiny_mixed), str(text_file), winq.QuantConfig(bits=2), tcfg, out, progress=False)
+    qc = winq.QuantConfig(bits=2, group_size=-1, embed="float")
+    train(str(tiny_mixed), str(text_file), qc, tcfg, out, progress=False)
     assert seen[2] == {(64, ActQuant("q8_0")), (256, ActQuant("q8_k"))}  # per layer, by row width
     stored = read_info(out)["train"]["act_quant"]
     assert stored["plan"] == "llamacpp"
@@ -490,7 +494,8 @@ def test_cli_train_act_quant_llamacpp(tiny_mixed, text_file, tmp_path):
     from winq.cli.main import app
 
     args = ["train", "--model", str(tiny_mixed), "--data", str(text_file), "--steps", "1", "--seq-len", "16",
-            "--no-progress", "--threads", "1", "--bits", "2", "--out", str(tmp_path / "l"), "--act-quant", "llamacpp"]
+            "--no-progress", "--threads", "1", "--bits", "2", "--out", str(tmp_path / "l"), "--act-quant", "llamacpp",
+            "--group-size", "-1", "--embed", "float"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, (r.output, r.exception)
     stored = read_info(tmp_path / "l")["train"]["act_quant"]

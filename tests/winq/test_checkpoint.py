@@ -17,11 +17,11 @@ from winq.checkpoint import (FORMAT, FORMAT_VERSION, is_checkpoint, load_checkpo
 from tinymodels import make_model_dir
 
 CONFIGS = {
-    "seq2": QuantConfig(bits=2),
-    "lsq4-g16": QuantConfig(bits=4, group_size=16),
-    "affine4-g16": QuantConfig(bits=4, grid="affine", group_size=16),
-    "affine2": QuantConfig(bits=2, grid="affine"),
-    "affine3": QuantConfig(bits=3, grid="affine"),
+    "seq2": QuantConfig(bits=2, group_size=-1, embed="float"),
+    "lsq4-g16": QuantConfig(bits=4, group_size=16, embed="float"),
+    "affine4-g16": QuantConfig(bits=4, grid="affine", group_size=16, embed="float"),
+    "affine2": QuantConfig(bits=2, grid="affine", group_size=-1, embed="float"),
+    "affine3": QuantConfig(bits=3, grid="affine", group_size=-1, embed="float"),
 }
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
@@ -148,7 +148,7 @@ def test_untied_lm_head_round_trip(untied_llama, tmp_path):
 
 
 def test_quantized_lm_head_round_trip(untied_llama, tmp_path):
-    qcfg = QuantConfig(bits=4, quantize_lm_head=True)
+    qcfg = QuantConfig(bits=4, quantize_lm_head=True, group_size=-1, embed="float")
     model, tok = _prepared(untied_llama, qcfg)
     assert "lm_head" in winq.quant_layers(model)
     save_checkpoint(tmp_path / "ck", model, tok, qcfg, None)
@@ -261,7 +261,7 @@ def test_refuses_to_overwrite_a_file(tiny_llama, tmp_path):
 
 
 def test_quantized_lm_head_of_a_tied_model_round_trip(tiny_llama, tmp_path):
-    qcfg = QuantConfig(bits=4, quantize_lm_head=True)
+    qcfg = QuantConfig(bits=4, quantize_lm_head=True, group_size=-1, embed="float")
     model, tok = _prepared(tiny_llama, qcfg)
     assert model.config.tie_word_embeddings and "lm_head" in winq.quant_layers(model)
     save_checkpoint(tmp_path / "ck", model, tok, qcfg, None)
@@ -341,7 +341,8 @@ def test_wrong_format_and_newer_version(ckpt_copy):
 def test_state_dict_that_does_not_match_winq_json(ckpt_copy):
     f = ckpt_copy / "winq.json"
     info = json.loads(f.read_text())
-    info["quant"] = QuantConfig(bits=4, grid="affine").to_dict()  # expects zero_point tensors the file lacks
+    qc = QuantConfig(bits=4, grid="affine", group_size=-1, embed="float")
+    info["quant"] = qc.to_dict()  # expects zero_point tensors the file lacks
     f.write_text(json.dumps(info))
     with pytest.raises(CheckpointError, match="missing"):
         load_checkpoint(ckpt_copy)

@@ -90,7 +90,7 @@ def qmodel(tiny_llama):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
-    winq.prepare(model, QuantConfig(bits=4))
+    winq.prepare(model, QuantConfig(bits=4, group_size=-1, embed="float"))
     with torch.no_grad():  # move weights and scales off their initial values (codes change, not just init)
         g = torch.Generator().manual_seed(1)
         for n, p in model.named_parameters():

@@ -434,13 +434,13 @@ def test_quantization_is_idempotent(pair):
 # ---------------------------------------------------------------------------------------
 def test_config_errors():
     with pytest.raises(ConfigError, match=r"bits=5") as e:
-        QuantConfig(bits=5)
+        QuantConfig(bits=5, group_size=-1, embed="float")
     assert isinstance(e.value, winq.WinqError) and isinstance(e.value, ValueError)
     for b in (1, 2, 3, 4, 8):  # the message lists the valid bit widths
         assert str(b) in str(e.value)
 
     with pytest.raises(ConfigError, match=r"valid pairs") as e:
-        QuantConfig(bits=2, grid="lsq")
+        QuantConfig(bits=2, grid="lsq", group_size=-1, embed="float")
     msg = str(e.value)
     assert "bits=2" in msg and "'lsq'" in msg
     for g in winq.GRIDS:
@@ -448,12 +448,12 @@ def test_config_errors():
     assert "lsq: 3, 4, 8" in msg and "seq: 2" in msg and "binary: 1" in msg and "affine: 2, 3, 4, 8" in msg
 
     with pytest.raises(ConfigError, match=r"unknown grid 'nf4'.*lsq.*seq.*ternary.*binary.*affine"):
-        QuantConfig(bits=4, grid="nf4")
+        QuantConfig(bits=4, grid="nf4", group_size=-1, embed="float")
 
     with pytest.raises(ConfigError, match=r"group_size=0"):
-        QuantConfig(bits=4, group_size=0)
+        QuantConfig(bits=4, group_size=0, embed="float")
     with pytest.raises(ConfigError, match=r"group_size=-2"):
-        QuantConfig(bits=4, group_size=-2)
+        QuantConfig(bits=4, group_size=-2, embed="float")
 
     # the same checks guard the layer and the QuantizedWeight
     with pytest.raises(ConfigError, match=r"bits=3"):
@@ -464,6 +464,6 @@ def test_config_errors():
 
 @pytest.mark.parametrize("bits,grid", [(1, "binary"), (2, "seq"), (3, "lsq"), (4, "lsq"), (8, "lsq")])
 def test_config_default_grid(bits, grid):
-    c = QuantConfig(bits=bits)
+    c = QuantConfig(bits=bits, group_size=-1, embed="float")
     assert c.grid == grid
     assert QuantConfig.from_dict(c.to_dict()) == c

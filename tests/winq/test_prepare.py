@@ -67,7 +67,7 @@ def test_prepare_swaps_decoder_linears(arch, bits):
     before = module_types(model)
     orig = {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
             for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    cfg = QuantConfig(bits=bits)
+    cfg = QuantConfig(bits=bits, group_size=-1, embed="float")
     out = winq.prepare(model, cfg)
     assert out is model
     assert model.winq_quant_config == cfg
@@ -103,7 +103,7 @@ def test_prepare_swaps_decoder_linears(arch, bits):
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_quantize_lm_head(arch):
     model = tiny_model(arch)
-    winq.prepare(model, QuantConfig(bits=4, quantize_lm_head=True))
+    winq.prepare(model, QuantConfig(bits=4, quantize_lm_head=True, group_size=-1, embed="float"))
     assert list(winq.quant_layers(model)) == expected_names() + ["lm_head"]
     assert isinstance(model.lm_head, QuantLinear)
     assert type(model.model.embed_tokens) is nn.Embedding
@@ -112,7 +112,7 @@ def test_quantize_lm_head(arch):
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_skip_mlp(arch):
     model = tiny_model(arch)
-    winq.prepare(model, QuantConfig(bits=2, skip=("mlp",)))
+    winq.prepare(model, QuantConfig(bits=2, skip=("mlp",), group_size=-1, embed="float"))
     names = list(winq.quant_layers(model))
     assert names == expected_names(skip=("mlp",))
     assert len(names) == 4 * N_LAYERS and all("self_attn" in n for n in names)
@@ -123,7 +123,7 @@ def test_skip_mlp(arch):
 
 def test_target_linears_matches_prepare():
     model = tiny_model("llama")
-    cfg = QuantConfig(bits=3, skip=("k_proj", "down"))
+    cfg = QuantConfig(bits=3, skip=("k_proj", "down"), group_size=-1, embed="float")
     from winq.prepare import target_linears
 
     targets = target_linears(model, cfg)
@@ -135,12 +135,12 @@ def test_target_linears_matches_prepare():
 # quantized_weights and the converted model
 # ---------------------------------------------------------------------------------------
 CASES = [
-    ("llama", QuantConfig(bits=2)),
-    ("qwen2", QuantConfig(bits=4)),
-    ("mistral", QuantConfig(bits=1)),
-    ("llama", QuantConfig(bits=3, group_size=16)),
-    ("qwen2", QuantConfig(bits=4, grid="affine", group_size=16)),
-    ("mistral", QuantConfig(bits=2, grid="ternary", group_size=32, quantize_lm_head=True)),
+    ("llama", QuantConfig(bits=2, group_size=-1, embed="float")),
+    ("qwen2", QuantConfig(bits=4, group_size=-1, embed="float")),
+    ("mistral", QuantConfig(bits=1, group_size=-1, embed="float")),
+    ("llama", QuantConfig(bits=3, group_size=16, embed="float")),
+    ("qwen2", QuantConfig(bits=4, grid="affine", group_size=16, embed="float")),
+    ("mistral", QuantConfig(bits=2, grid="ternary", group_size=32, quantize_lm_head=True, embed="float")),
 ]
 
 
@@ -192,7 +192,7 @@ def test_quantized_weights_requires_prepare():
 
 def test_prepare_init_false_leaves_alpha_at_one():
     model = tiny_model("llama")
-    winq.prepare(model, QuantConfig(bits=4), init=False)
+    winq.prepare(model, QuantConfig(bits=4, group_size=-1, embed="float"), init=False)
     for m in winq.quant_layers(model).values():
         assert torch.equal(m.alpha.detach(), torch.ones_like(m.alpha))
 
@@ -205,7 +205,7 @@ def test_group_size_not_dividing_names_the_layer():
     before = module_types(model)
     with pytest.raises(ConfigError, match=r"group_size=64 does not divide in_features=96 of "
                                           r"model\.layers\.0\.mlp\.down_proj") as e:
-        winq.prepare(model, QuantConfig(bits=4, group_size=64))
+        winq.prepare(model, QuantConfig(bits=4, group_size=64, embed="float"))
     assert f"{N_LAYERS} layers affected" in str(e.value)
     # nothing was swapped: the check runs before any layer is replaced
     assert module_types(model) == before
@@ -213,16 +213,16 @@ def test_group_size_not_dividing_names_the_layer():
 
     model = tiny_model("qwen2")  # hidden 48: the first offending layer is q_proj
     with pytest.raises(ConfigError, match=r"model\.layers\.0\.self_attn\.q_proj"):
-        winq.prepare(model, QuantConfig(bits=4, group_size=32))
+        winq.prepare(model, QuantConfig(bits=4, group_size=32, embed="float"))
 
 
 def test_prepare_twice_raises():
     model = tiny_model("llama")
-    winq.prepare(model, QuantConfig(bits=4))
+    winq.prepare(model, QuantConfig(bits=4, group_size=-1, embed="float"))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ModelError, match=r"already prepared"):
-        winq.prepare(model, QuantConfig(bits=2))
-    assert model.winq_quant_config == QuantConfig(bits=4)
+        winq.prepare(model, QuantConfig(bits=2, group_size=-1, embed="float"))
+    assert model.winq_quant_config == QuantConfig(bits=4, group_size=-1, embed="float")
     new_state = model.state_dict()
     assert set(new_state) == set(state) and all(torch.equal(new_state[k], state[k]) for k in state)
 
@@ -230,11 +230,11 @@ def test_prepare_twice_raises():
 def test_model_without_linear_raises():
     model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4))
     with pytest.raises(ModelError, match=r"no torch\.nn\.Linear.*Embedding") as e:
-        winq.prepare(model, QuantConfig(bits=4))
+        winq.prepare(model, QuantConfig(bits=4, group_size=-1, embed="float"))
     assert isinstance(e.value, winq.WinqError)
     # a model whose only Linear is the skipped output projection has nothing to quantize either
     with pytest.raises(ModelError, match=r"no torch\.nn\.Linear"):
-        winq.prepare(tiny_model("llama"), QuantConfig(bits=4, skip=("layers",)))
+        winq.prepare(tiny_model("llama"), QuantConfig(bits=4, skip=("layers",), group_size=-1, embed="float"))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -243,7 +243,7 @@ def test_nonfinite_weight_raises_at_prepare(bad):
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 5] = bad
     with pytest.raises(ModelError, match=r"NaN"):
-        winq.prepare(model, QuantConfig(bits=4))
+        winq.prepare(model, QuantConfig(bits=4, group_size=-1, embed="float"))
 
 
 def test_nan_prepare_leaves_model_unchanged():
@@ -252,7 +252,7 @@ def test_nan_prepare_leaves_model_unchanged():
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
     with pytest.raises(ModelError):
-        winq.prepare(model, QuantConfig(bits=4))
+        winq.prepare(model, QuantConfig(bits=4, group_size=-1, embed="float"))
     assert module_types(model) == before
 
 

@@ -20,11 +20,18 @@ from winq.train import lr_factor, train
 REPO = Path(__file__).resolve().parents[2]
 
 
+# the loop's mechanics, in the plain regime these tests were written for: cross-entropy (no teacher), the reference
+# init, no periodic eval (the quality recipe's defaults are tested in tests/winq/test_calibrate.py)
+PLAIN = dict(distill=0.0, keep_best=False, eval_every=0)
+
+
 def _run(tiny, text, out, method="winq", steps=8, **kw):
     tcfg = TrainConfig(
-        method=method, steps=steps, lr=kw.pop("lr", 2e-3), seq_len=16, batch_size=2, seed=kw.pop("seed", 0), **kw
+        method=method, steps=steps, lr=kw.pop("lr", 2e-3), seq_len=16, batch_size=2, seed=kw.pop("seed", 0),
+        **{**PLAIN, **kw}
     )
-    return train(str(tiny), str(text), QuantConfig(bits=2), tcfg, out, progress=False)
+    qcfg = QuantConfig(bits=2, group_size=-1, embed="float", init="max")
+    return train(str(tiny), str(text), qcfg, tcfg, out, progress=False)
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -48,7 +55,7 @@ def test_winq_run_resets_on_schedule_and_learns(tiny_llama, text_file, tmp_path)
 
 def test_qat_baseline_has_no_reset_and_no_noise(tiny_llama, text_file, tmp_path):
     res = _run(tiny_llama, text_file, tmp_path / "q", method="qat", steps=8, reinit_every=2)
-    assert not any(r["reset"] for r in res.records)
+    assert not any(r.get("reset") for r in res.records)
     cfg = TrainConfig(method="qat", reinit_every=2, noise_sigma=0.5)
     assert cfg.effective_reinit_every == 0 and cfg.effective_noise == 0.0
     # same seed and data: WinQ (noise + resets) ends somewhere else than QAT
@@ -72,7 +79,7 @@ def test_grad_accumulation_matches_bigger_batch(tiny_llama, text_file, tmp_path)
     train(
         str(tiny_llama),
         str(text_file),
-        QuantConfig(bits=4),
+        QuantConfig(bits=4, group_size=-1, embed="float"),
         TrainConfig(batch_size=2, grad_accum=1, **base),
         tmp_path / "b2",
         progress=False,
@@ -80,7 +87,7 @@ def test_grad_accumulation_matches_bigger_batch(tiny_llama, text_file, tmp_path)
     train(
         str(tiny_llama),
         str(text_file),
-        QuantConfig(bits=4),
+        QuantConfig(bits=4, group_size=-1, embed="float"),
         TrainConfig(batch_size=1, grad_accum=2, **base),
         tmp_path / "a2",
         progress=False,
@@ -110,7 +117,7 @@ def test_refuses_existing_output_and_bad_resume(tiny_llama, text_file, tmp_path)
         train(
             str(tiny_llama),
             str(text_file),
-            QuantConfig(),
+            QuantConfig(group_size=-1, embed="float"),
             TrainConfig(),
             tmp_path / "empty",
             resume=True,
@@ -134,7 +141,8 @@ KILL_SCRIPT = textwrap.dedent(
         if rec["step"] == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)  # a real crash: no cleanup, no final save
     tcfg = TrainConfig(method="winq", steps=8, lr=2e-3, seq_len=16, batch_size=2, save_every=2, seed=5, **schedule)
-    train(model, data, QuantConfig(bits=2, group_size=16), tcfg, out, resume=resume, callbacks=[cb], progress=False)
+    qc = QuantConfig(bits=2, group_size=16, embed="float")
+    train(model, data, qc, tcfg, out, resume=resume, callbacks=[cb], progress=False)
     """
 )
 
@@ -167,8 +175,11 @@ def test_exact_resume_after_kill(tiny_llama, text_file, tmp_path, schedule):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k}: max diff {(a[k] - b[k]).abs().max()}"
-    la = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    lb = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    la_all = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    lb_all = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    evals = ("eval_loss", "eval_kl")  # the step-0 and final held-out evaluations (keep_best compares them)
+    assert [{k: x.get(k) for k in evals} for x in la_all] == [{k: x.get(k) for k in evals} for x in lb_all]
+    la, lb = [x for x in la_all if "loss" in x], [x for x in lb_all if "loss" in x]
     assert [x["loss"] for x in la] == [x["loss"] for x in lb]
     assert [x["step"] for x in lb] == list(range(1, 9))
     diag = ("flip_rate", "flips_since_reset", "oscillation", "boundary_margin", "travel", "lr_travel", "reset_info")
