@@ -21,7 +21,8 @@ model's floats: the dequantized Q4_1 values of SmolLM2-135M-Instruct, see winq.m
 - **llama.cpp**: the default model as an F16 GGUF written by winq's own writer
   (exporters.gguf.write_gguf, float weights), then llama.cpp's own quantizer (`llama-quantize`) to
   Q8_0, Q5_0, Q4_1, Q4_0, IQ4_NL, Q4_K_M, Q3_K_M and Q2_K, each without and with an importance matrix
-  (`llama-imatrix` on 50 chunks of 512 tokens of the *training* data: PTB train + SOTU train). The
+  (`llama-imatrix` on the first 50 chunks of 512 tokens of
+  the calibration text, training data: PTB train then SOTU train; 50 chunks reach only its PTB half). The
   tools are built from the llama.cpp that llama-cpp-python 0.3.36 vendors, in the build folder
   benchmarks/llama_bench.py uses (same sdist, same options; its code is reused).
 - **onnxruntime**: an fp32 ONNX export of the float model (exporters/onnx.py's float graph) quantized
@@ -103,8 +104,8 @@ N_CTX = 512  # window length (tokens)
 N_CHUNKS = 16  # windows a text: 8,192 tokens
 TEXT_TOKENS = N_CTX * N_CHUNKS
 CUT_MARGIN = 64  # tokens kept past TEXT_TOKENS in a text file, so that re-tokenising it still gives TEXT_TOKENS
-CALIB_CHUNKS = 50  # llama-imatrix: chunks of N_CTX tokens of training text (25,600 tokens; the text holds 100,
-# but 100 chunks took too long on this loaded 2-core machine)
+CALIB_CHUNKS = 50  # llama-imatrix: chunks of N_CTX tokens of the calibration text (25,600 tokens: its PTB half
+# only, as the text is PTB then SOTU; 100 chunks cover both but took too long on this loaded 2-core machine)
 THREADS = 2
 LADDER = ("q4_0", "iq4_nl", "q4_k_m", "q3_k_m", "q2_k", "q5_0", "q8_0", "q4_1")  # the sizes that matter first
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
@@ -939,7 +940,9 @@ def ensure_imatrix(work=None, threads: int = THREADS, nice: int | None = 5) -> d
     t0 = time.perf_counter()
     log = run_tool(_nice(nice) + cmd, w / "logs" / "imatrix.log", "llama-imatrix")
     chunks = re.findall(r"\[(\d+)\]", log)
+    ptb = json.loads((w / "texts" / "texts.json").read_text())["calibration"]["tokens_per_source"]["ptb"]
     meta = {"file": str(out), "command": _cmd_str(cmd), "calibration": str(calib),
+            "sources": "ptb train only" if CALIB_CHUNKS * N_CTX <= ptb else "ptb train, then sotu train",
             "chunks_processed": int(chunks[-1]) if chunks else None, "seconds": round(time.perf_counter() - t0, 1),
             "created_at": _now()}
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
@@ -1385,24 +1388,30 @@ def measure_gptq(folder, work=None, threads: int = THREADS) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # 8. report: plot and table
 
+PPL_CAP = 3.0  # the perplexity panels stop at this multiple of F16's perplexity
 _STYLE = {"reference": ("#555555", "D"), "llama.cpp": ("#3b75af", "o"), "llama.cpp+imatrix": ("#1b3f6b", "s"),
           "onnxruntime": ("#c44e52", "^"), "gptqmodel": ("#55a868", "v"), "winq": ("#000000", "*")}
 
 
 def plot(report: dict, png) -> None:
-    """KLD (log) and perplexity against file size (MB), one column per text; F16 perplexity dashed."""
+    """KLD (log) and perplexity against file size (MB), one column per text. F16's perplexity is dashed; the
+    perplexity axis stops at PPL_CAP x F16's, points above it sit on the top edge (hollow, their value written)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from winq.benchmarks.edge import _place_labels
+
     points = {n: p for n, p in report.get("points", {}).items() if p.get("status") == "ok" and p.get("texts")}
     texts = [t for t in TEXTS if any(t in p["texts"] for p in points.values())] or list(TEXTS)
-    fig, axes = plt.subplots(2, len(texts), figsize=(5.4 * len(texts), 8.2), squeeze=False)
+    fig, axes = plt.subplots(2, len(texts), figsize=(5.8 * len(texts), 8.8), squeeze=False)
     for j, text in enumerate(texts):
+        f16 = points.get("f16", {}).get("texts", {}).get(text, {}).get("ppl")
         for i, metric in enumerate(("kld", "ppl")):
             ax = axes[i][j]
-            seen = set()
+            seen, labels = set(), []
+            cap = PPL_CAP * f16 if (metric == "ppl" and f16) else None
             for name, p in points.items():
                 r = p["texts"].get(text)
                 if r is None or p.get("packed") is False or metric not in r:
@@ -1412,23 +1421,30 @@ def plot(report: dict, png) -> None:
                         ax.axhline(r["ppl"], color="#555555", lw=0.8, ls="--", label=f"F16 ({r['ppl']:.2f})")
                     continue
                 color, mk = _STYLE.get(p["family"], ("#999999", "x"))
-                ax.scatter(p["size_mb"], r[metric], color=color, marker=mk, s=60 if mk == "*" else 26,
-                           label=p["family"] if p["family"] not in seen else None, zorder=3)
-                seen.add(p["family"])
+                y, off = r[metric], cap is not None and r[metric] > cap
                 short = name.replace("llamacpp-", "").replace("gptqmodel-", "gptq-").replace("-imat", "+i")
-                ax.annotate(short, (p["size_mb"], r[metric]), fontsize=5.5, xytext=(3, 2), textcoords="offset points")
+                if off:
+                    y, short = cap, f"{short} (ppl {r[metric]:.3g})"
+                ax.scatter(p["size_mb"], y, color=color, marker=mk, s=70 if mk == "*" else 28, zorder=3,
+                           facecolors="none" if off else color,
+                           label=p["family"] if p["family"] not in seen else None)
+                seen.add(p["family"])
+                labels.append((short, p["size_mb"], y))
+            ax.set_yscale("log")
             if metric == "kld":
-                ax.set_yscale("log")
                 ax.set_title(f"{text}: KL divergence to the float model", fontsize=9)
                 ax.set_ylabel("mean KLD (nats, log)")
             else:
-                ax.set_title(f"{text}: perplexity", fontsize=9)
-                ax.set_ylabel("perplexity")
-                ax.set_yscale("log")
+                ax.set_title(f"{text}: perplexity (axis cut at {PPL_CAP:g}x F16)", fontsize=9)
+                ax.set_ylabel("perplexity (log)")
+                if cap:
+                    ax.set_ylim(0.95 * f16, cap * 1.08)
             ax.set_xlabel("file size (MB)")
             ax.grid(alpha=0.3, which="both")
+            if labels:
+                _place_labels(ax, labels, height=7.0, width=5.5)
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
+                ax.legend(fontsize=7, loc="center right")
     fig.suptitle(f"winq quality benchmark: the built-in model's float weights, {TEXT_TOKENS} tokens a text, "
                  f"{N_CHUNKS} windows of {N_CTX} (second halves scored); GGUF in llama.cpp, ONNX in onnxruntime, "
                  "GPTQ in transformers+gptqmodel", fontsize=8)

@@ -53,7 +53,7 @@ def make_checkpoint(base: Path, out: Path, grid: str, bits: int, group: int, **q
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(base))
-    cfg = winq.QuantConfig(bits=bits, grid=grid, group_size=group, **qkw)
+    cfg = winq.QuantConfig(bits=bits, grid=grid, group_size=group, **{"embed": "float", **qkw})
     winq.prepare(model, cfg)
     g = torch.Generator().manual_seed(bits * 100 + max(group, 0))
     with torch.no_grad():

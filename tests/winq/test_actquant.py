@@ -549,7 +549,11 @@ def test_ort_tiny_block_equals_ours(onnxrt):
     a = np.zeros((1, 64), np.float32)
     a[0, 0], a[0, 1], a[0, 40] = 2e-37, -1e-37, 3.0
     y = _matmulnbits_session(ort, onnx, 64, 64, 4, 32, 4).run(None, {"A": a})[0]
-    assert np.array_equal(y, aq.ort_int8(t(a), 32).numpy())
+    ours = aq.ort_int8(t(a), 32).numpy()
+    # the block of normal values is exact; the block whose int8 scale is subnormal (2e-37 / 127) is ours, or zero
+    # where the CPU's MLAS kernel flushes subnormals (seen on an AVX512-VNNI machine: onnxruntime 1.32 gave 0)
+    assert np.array_equal(y[:, 32:], ours[:, 32:])
+    assert np.array_equal(y[:, :32], ours[:, :32]) or not y[:, :32].any(), y[:, :32]
 
 
 def test_ort_residue_with_zero_point_weights(onnxrt):
