@@ -42,7 +42,8 @@ def test_default_model_gguf_runs_in_llamacpp(tmp_path, bits, types):
     from winq.runtime.llamacpp import load_llamacpp, tokenize
 
     ck = tmp_path / "ck"
-    winq("train", "--steps", 2, "--seq-len", 64, "--bits", bits, "--out", ck, "--no-progress", "--threads", 2)
+    per_row = ["--group-size", -1] if bits == 2 else []  # 2-bit per-row scales: down_proj's rows fit Q2_K's blocks
+    winq("train", "--steps", 2, "--seq-len", 64, "--bits", bits, *per_row, "--out", ck, "--no-progress", "--threads", 2)
     out = tmp_path / "gguf" / "model.gguf"
     m = json.loads(winq("export", "--format", "gguf", "--checkpoint", ck, "--out", out, "--json"))
     assert m["summary"]["max_abs_err"] == 0.0 and m["summary"]["tensors"] == 30 * 7

@@ -257,6 +257,8 @@ def test_two_processes_gloo_match_one_process(engine, tiny_llama, text_file, tmp
         "--no-progress",
         "--seed",
         "2",
+        # the loop's mechanics, as written: no teacher, the reference init, per-row scales, float tables, no evals
+        "--distill", "0", "--keep-last", "--init", "max", "--group-size", "-1", "--embed", "float", "--eval-every", "0",
     ]
     info, recs, a = _launch(tmp_path, engine, FSDP_ENV if engine == "fsdp" else {}, 2, common, 1)
     assert info["world_size"] == 2
