@@ -915,8 +915,9 @@ def add_point(name: str, measurements: dict, meta: dict | None = None, out=RESUL
 
 
 def done(name: str, out=RESULTS) -> bool:
+    """Is point `name` in the results, measured on every text? (A failed or partial point is measured again.)"""
     p = load_results(out).get("points", {}).get(name)
-    return bool(p) and p.get("status") == "ok"
+    return bool(p) and p.get("status") == "ok" and set(TEXTS) <= set(p.get("texts", {}))
 
 
 # ---------------------------------------------------------------------------------------------------------------

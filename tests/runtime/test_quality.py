@@ -167,7 +167,10 @@ def test_add_point_merges_by_name(tmp_path):
     assert rep["points"]["b"]["meta"] == {"seed": 0} and rep["points"]["c"]["status"] == "failed"
     assert rep["settings"]["n_ctx"] == 512 and rep["machine"]["cpu_count"] and "versions" in rep
     assert out.with_suffix(".png").stat().st_size > 1000
-    assert Q.done("a", out) and not Q.done("c", out) and not Q.done("zzz", out)
+    assert not Q.done("a", out)  # measured on one text of three: measured again
+    full = {**m, "texts": {t: m["texts"]["licenses"] for t in Q.TEXTS}}
+    Q.add_point("e", full, {"family": "llama.cpp"}, out, plot_png=False, work=tmp_path)
+    assert Q.done("e", out) and not Q.done("c", out) and not Q.done("zzz", out)
     assert "| a | llama.cpp | 92.0 | 5.45 | - | 20.000 / 0.2000 / 80.0% | - |" in Q.table(rep)
     with pytest.raises(ConfigError, match="family 'mine'"):
         Q.add_point("d", m, {"family": "mine"}, out, work=tmp_path)
