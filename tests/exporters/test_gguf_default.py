@@ -28,7 +28,8 @@ def test_default_model_gguf_runs_in_llamacpp(tmp_path, bits, types):
     """Weights: max error 0 in the file. Graph: llama.cpp running the same dequantized weights
     stored as F32 matches the fake-quant logits (measured max |dlogit| 3e-4 on a 2-bit run).
     Quantized file: llama.cpp quantizes activations to 8 bits in its dot products. At 4 bits the
-    perplexity gap was +0.33% on 16k tokens (30-step run); we allow 0.5% on 1,024 tokens. A 2-step
+    perplexity gap was +0.33% on 16k tokens (30-step per-row run) and +0.76% on 1,024 tokens (the GPTQ-started
+    group-32 default, 2 steps); we allow 1%. A 2-step
     2-bit model is far from converged (ppl in the millions, logits up to ~30) and there 8-bit
     activations move perplexity by up to 15% and flip 38% of the top-1 choices even where the lead
     exceeds 1.0 (measured), so at 2 bits the F32-graph check and exactness are what is asserted."""
@@ -72,5 +73,7 @@ def test_default_model_gguf_runs_in_llamacpp(tmp_path, bits, types):
         assert (got.argmax(-1)[confident] == ref.argmax(-1)[confident]).float().mean() >= 0.95
         r = json.loads(winq("eval", "--backend", "fakequant,llamacpp", "--checkpoint", ck, "--gguf", out,
                             "--max-tokens", 1024, "--seq-len", 256, "--json", "--threads", 2))
-        assert abs(r["ppl_relative_diff"]["llamacpp"]) < 5e-3, r
+        # the activation-rounding gap: +0.33% on the per-row 30-step model, +0.76% on 1,024 tokens for the
+        # GPTQ-started default (group 32, 2 steps), both measured; 1% allowed
+        assert abs(r["ppl_relative_diff"]["llamacpp"]) < 1e-2, r
         assert r["results"]["llamacpp"]["top1_agreement"] > 0.9
