@@ -144,13 +144,18 @@ def _cache_values(build: Path) -> dict:
     return dict(sorted(out.items()))
 
 
-def build(jobs: int = 2, force: bool = False, cmake_args: list[str] = (), nice: int = 5) -> dict:
-    """Download, unpack, configure and compile llama-bench; returns (and writes) the build record."""
+def check_build_tools(what: str, jobs: int) -> None:
+    """ConfigError unless cmake and a C++ compiler are on PATH and jobs >= 1 (before any download or build)."""
     for tool in ("cmake", "c++"):
         if shutil.which(tool) is None:
-            raise ConfigError(f"building llama-bench needs `{tool}` on PATH (e.g. `apt-get install cmake g++`)")
+            raise ConfigError(f"building {what} needs `{tool}` on PATH (e.g. `apt-get install cmake g++`)")
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+
+
+def build(jobs: int = 2, force: bool = False, cmake_args: list[str] = (), nice: int = 5) -> dict:
+    """Download, unpack, configure and compile llama-bench; returns (and writes) the build record."""
+    check_build_tools("llama-bench", jobs)
     root = build_root()
     binary = default_binary()
     info_path = binary.with_name(BUILD_INFO)

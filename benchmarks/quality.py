@@ -159,11 +159,7 @@ def find_tool(name: str) -> Path:
 def build_tools(jobs: int = 2, force: bool = False, nice: int = 10, cmake_args: list[str] = ()) -> dict:
     """Build TOOLS from llama-cpp-python 0.3.36's vendored llama.cpp into $WINQ_CACHE/llama.cpp/0.3.36/build/bin
     (the build folder llama-bench uses: same sdist, same configure options). Returns and writes the build record."""
-    for tool in ("cmake", "c++"):
-        if shutil.which(tool) is None:
-            raise ConfigError(f"building llama.cpp's tools needs `{tool}` on PATH (e.g. `apt-get install cmake g++`)")
-    if jobs < 1:
-        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    LB.check_build_tools("llama.cpp's tools", jobs)
     root = build_root()
     build_dir = root / "build"
     binaries = [build_dir / "bin" / t for t in TOOLS]
