@@ -104,8 +104,8 @@ N_CTX = 512  # window length (tokens)
 N_CHUNKS = 16  # windows a text: 8,192 tokens
 TEXT_TOKENS = N_CTX * N_CHUNKS
 CUT_MARGIN = 64  # tokens kept past TEXT_TOKENS in a text file, so that re-tokenising it still gives TEXT_TOKENS
-CALIB_CHUNKS = 50  # llama-imatrix: chunks of N_CTX tokens of the calibration text (25,600 tokens: its PTB half
-# only, as the text is PTB then SOTU; 100 chunks cover both but took too long on this loaded 2-core machine)
+CALIB_CHUNKS = 100  # llama-imatrix: chunks of N_CTX tokens of the calibration text (51,200 tokens: PTB train
+# then SOTU train, the two corpora of winq's default training data, so both see the same domains)
 THREADS = 2
 LADDER = ("q4_0", "iq4_nl", "q4_k_m", "q3_k_m", "q2_k", "q5_0", "q8_0", "q4_1")  # the sizes that matter first
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")

@@ -25,8 +25,9 @@ Q, T = QuantConfig(), TrainConfig()  # the one source of training defaults: ever
 @app.command()
 def train(
     model: ModelOpt = None,
-    data: Annotated[str, typer.Option("--data", help="training text: ptb | sotu | a .txt/.jsonl file or folder | a "
-                                      "mixture a+b (the default mixes PTB news and State of the Union speeches)")]
+    data: Annotated[str, typer.Option("--data", help="training text: ptb | sotu | generated (sampled from the model) | "
+                                      "a .txt/.jsonl file or folder | a mixture a+b in equal shares (the default: "
+                                      "PTB news, State of the Union speeches and the model's own text)")]
     = DEFAULT_DATA,
     bits: Annotated[int, typer.Option(help="weight bits: 1, 2, 3, 4 or 8")] = Q.bits,
     grid: Annotated[

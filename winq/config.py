@@ -139,6 +139,9 @@ class TrainConfig:
             raise ConfigError(f"diag_every={self.diag_every} must be >= 0 and diag_sample={self.diag_sample} >= 1")
         if self.reinit_every == "auto" and self.method == "winq" and self.diag_every != 1:
             raise ConfigError("reinit_every='auto' reads the diagnostics every step: leave diag_every at 1")
+        if self.eval_every < 0 or (self.eval_every and self.eval_batches < 1):
+            raise ConfigError(f"eval_every={self.eval_every} must be >= 0 (0: no evaluation) and eval_batches="
+                              f"{self.eval_batches} >= 1 when evaluating")
         if not 0.0 <= self.distill <= 1.0:
             raise ConfigError(f"distill={self.distill} must be in [0, 1] (1: pure distillation, 0: off)")
         from .actplan import check_act_quant

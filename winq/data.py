@@ -7,9 +7,12 @@ Data specs (`--data`):
     path/to/file.txt    plain text; documents are separated by blank lines
     path/to/file.jsonl  one JSON object a line with a "text" field
     path/to/folder      every *.txt / *.jsonl file in it (sorted), each file read as above
-    a+b                 a mixture: the token streams of both specs (any of the above), joined; the default
-                        training data is ptb+sotu (news and speeches: PTB alone is lowercased newswire with
-                        <unk>, which does not carry to other text)
+    generated           text sampled from the float model itself (winq/generated.py; `generated:N` for N
+                        tokens); only where the model is at hand: `winq train` and train()
+    a+b                 a mixture: the token streams of both specs (any of the above) in equal shares, the
+                        shorter repeated up to the longer's length; the default training data is
+                        ptb+sotu+generated (news, speeches and the model's own text: PTB alone is
+                        lowercased newswire with <unk>, which does not carry to other text)
 
 Splits for your own files: documents are divided in order, the first 95% train and the
 last 5% held out (`valid` and `test` are the same held-out part). Pass a separate file for
@@ -36,7 +39,7 @@ import torch
 from .errors import DataError
 
 BUILTIN = ("ptb", "sotu")
-DEFAULT_DATA = "ptb+sotu"  # what `winq train` trains on unless told otherwise
+DEFAULT_DATA = "ptb+sotu+generated"  # what `winq train` trains on unless told otherwise
 SPLITS = ("train", "valid", "test")
 HOLDOUT_FRACTION = 0.05
 
@@ -140,20 +143,36 @@ def parts(spec: str) -> list[str]:
     return [spec]
 
 
-def token_ids(spec: str, split: str, tokenizer, cache: bool = True, progress: bool = False) -> torch.Tensor:
+def equal_shares(streams: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each stream repeated (whole copies, then a leading cut) up to the longest's length: a mixture's parts get
+    equal shares of its blocks, so 16k tokens of `generated` weigh as much as PTB's million."""
+    n = max(int(st.numel()) for st in streams)
+    return [st if st.numel() == n else st.repeat(-(-n // st.numel()))[:n] for st in streams]
+
+
+def token_ids(spec: str, split: str, tokenizer, cache: bool = True, progress: bool = False, model=None,
+              model_dir=None) -> torch.Tensor:
     """One int64 stream of token ids for (data spec, split), cached on disk. A mixture `a+b` joins the
-    parts' streams with the EOS token (blocks sampled from it then mix the parts by their sizes)."""
+    parts' streams with the EOS token, each repeated up to the longest's length (equal_shares), so blocks sampled
+    from it come from every part equally, whatever their sizes. `model`
+    (float, not yet quantized) and its folder `model_dir` serve the `generated` spec."""
     from safetensors.torch import load_file, save_file
+
+    from . import generated
 
     _check_split(split)
     if len(parts(spec)) > 1:
-        streams = [token_ids(p, split, tokenizer, cache, progress) for p in parts(spec)]
+        streams = [token_ids(p, split, tokenizer, cache, progress, model, model_dir) for p in parts(spec)]
+        streams = equal_shares(streams)
         eos = tokenizer.eos_token_id
         sep = [torch.tensor([eos], dtype=torch.long)] if eos is not None else []
         joined = [streams[0]]
         for st in streams[1:]:
             joined += [*sep, st]
         return torch.cat(joined)
+    if generated.is_generated(spec):
+        return generated.token_ids(spec, split, tokenizer, model, model_dir, tokenizer_hash(tokenizer),
+                                   cache_dir() / "data", cache, progress)
     key = hashlib.sha256(f"{_fingerprint(spec)}|{split}|{tokenizer_hash(tokenizer)}".encode()).hexdigest()[:24]
     path = cache_dir() / "data" / f"{key}.safetensors"
     if cache and path.exists():
@@ -206,6 +225,12 @@ class PackedBlocks:
 
     def batch(self, indices) -> torch.Tensor:
         return torch.stack([self[int(i)] for i in indices])  # (B, seq_len + 1)
+
+    def spread(self, n: int) -> list[int]:
+        """n block indices evenly spaced over the stream (all of them when there are no more than n): a fixed
+        held-out sample that reaches every part of a mixture, not just its first."""
+        total = len(self)
+        return list(range(total)) if n >= total else [i * total // n for i in range(n)]
 
 
 @functools.lru_cache(maxsize=8)

@@ -8,7 +8,8 @@ Parameters (saved in checkpoints under the layer's name):
 
 Forward: W_q = half_ste(s(alpha)) * level(W / alpha) with straight-through rounding, so
 W_q equals `quantized_weight().dequantize()` bit for bit when no noise is applied.
-WinQ noise (training only): W + sigma * eps_w and alpha + sigma * eps_a, with eps from the
+WinQ noise (training only): W + sigma * eps_w and alpha + sigma' * eps_a (sigma' = scale_noise_sigma: sigma in
+units of a level step), with eps from the
 model's NoiseSource (winq.noise), refilled at every training forward (reproducible, resumable).
 `act_quant` (None, or a winq.actplan.ActQuant): a runtime's activation quantizer applied to the input
 before either path below, straight-through while training with gradients (winq.actplan installs them).
@@ -121,13 +122,20 @@ class QuantLinear(nn.Linear):
             return True
         return False
 
+    @property
+    def scale_noise_sigma(self) -> float:
+        """The scale's noise, in units of a level step like the weights' (sigma * scale_factor / step_scale): the
+        reference's sigma 1e-3 is on an LSQ scale, which is one level step; nl4's alpha is a sixteenth of one, so
+        its noise is a sixteenth (unscaled, sigma 1e-3 was 28% of the median nl4 scale of the default model)."""
+        return self.noise_sigma * self.spec.scale_factor / self.spec.step_scale
+
     def fake_weight(self, noise: bool = False) -> torch.Tensor:
         """The fake-quant weight W_q, float32 (out, in). noise=True adds WinQ's training noise (the current draw)."""
         w = self.weight.float()
         alpha = self.alpha
         if noise and self._noisy():
             w = torch.add(w, self.eps_w, alpha=self.noise_sigma)  # one pass: W + sigma * eps
-            alpha = torch.add(alpha, self.eps_a, alpha=self.noise_sigma)
+            alpha = torch.add(alpha, self.eps_a, alpha=self.scale_noise_sigma)
         a = clamp_alpha(alpha)[..., None]  # (out, G, 1)
         zp = self.zero_point[..., None] if self.zero_point is not None else None
         lev = self.spec.levels(self._grouped(w), a, zp)  # (out, G, g)
@@ -201,7 +209,7 @@ class _FakeQuantLinear(torch.autograd.Function):
         w, a = weight.float(), alpha
         if noise:
             w = torch.add(w, layer.eps_w, alpha=layer.noise_sigma)  # the same expression as fake_weight()
-            a = torch.add(a, layer.eps_a, alpha=layer.noise_sigma)
+            a = torch.add(a, layer.eps_a, alpha=layer.scale_noise_sigma)
         A = clamp_alpha(a)[..., None]  # (out, G, 1)
         xq = layer._grouped(w) / A  # (out, G, g)
         lo, hi, _, m = spec.ste_clip
@@ -230,7 +238,7 @@ class _FakeQuantLinear(torch.autograd.Function):
                 "WinQ noise was redrawn between a forward and its backward; run one forward per backward"
             )
         if ctx.noise:
-            alpha = torch.add(alpha, layer.eps_a, alpha=layer.noise_sigma)
+            alpha = torch.add(alpha, layer.eps_a, alpha=layer.scale_noise_sigma)
         A = clamp_alpha(alpha)[..., None]  # (out, G, 1)
         S = layer.deploy_scale(alpha).to(torch.float16).to(torch.float32)[..., None]
         _, _, k, m = spec.ste_clip

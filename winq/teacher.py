@@ -74,21 +74,25 @@ def make_teacher(student: nn.Module, student_tok, path: str | None, device) -> n
 
 
 @torch.no_grad()
-def heldout_kl(model, teacher, blocks, n_blocks: int, batch_size: int, device) -> float:
-    """Mean per-token KL(teacher || model) over the first n_blocks held-out blocks."""
+def heldout_scores(model, teacher, blocks, n_blocks: int, batch_size: int, device) -> tuple[float, float]:
+    """(mean next-token cross-entropy, mean per-token KL(teacher || model)) over n_blocks held-out blocks spread
+    over the stream (PackedBlocks.spread, as train.heldout_loss), from one forward of the model per batch: the
+    periodic evaluation of a distilled run."""
     import torch.nn.functional as F
 
     was = model.training
     model.eval()
-    total, count = 0.0, 0
-    n = min(n_blocks, len(blocks))
-    for s in range(0, n, batch_size):
-        b = blocks.batch(range(s, min(n, s + batch_size))).to(device)[:, :-1]
-        logp = F.log_softmax(model(input_ids=b).logits.float(), -1)
-        t_logp = F.log_softmax(teacher(input_ids=b).logits.float(), -1)
-        kl = F.kl_div(logp.reshape(-1, logp.shape[-1]), t_logp.reshape(-1, logp.shape[-1]), log_target=True,
-                      reduction="sum")
-        total += float(kl)
-        count += b.numel()
+    ce = kl = 0.0
+    count = 0
+    idx = blocks.spread(n_blocks)
+    for s in range(0, len(idx), batch_size):
+        b = blocks.batch(idx[s : s + batch_size]).to(device)
+        x = b[:, :-1]
+        logits = model(input_ids=x).logits.float()
+        logp = F.log_softmax(logits.reshape(-1, logits.shape[-1]), -1)
+        t_logp = F.log_softmax(teacher(input_ids=x).logits.float().reshape(-1, logits.shape[-1]), -1)
+        ce += float(F.nll_loss(logp, b[:, 1:].reshape(-1), reduction="sum"))
+        kl += float(F.kl_div(logp, t_logp, log_target=True, reduction="sum"))
+        count += x.numel()
     model.train(was)
-    return total / count
+    return ce / count, kl / count

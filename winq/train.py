@@ -40,15 +40,16 @@ import torch
 from .actplan import plan_record, train_act_plan
 from .checkpoint import is_checkpoint, load_checkpoint, load_trainer_state, read_info, save_checkpoint
 from .config import QuantConfig, TrainConfig
-from .data import PackedBlocks, batch_indices, token_ids
+from .data import PackedBlocks, batch_indices, parts, token_ids
+from .generated import is_generated
 from .diagnostics import CodeTracker
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DataError
 from .calibrate import calibration_batches, collect_hessians, initialize
 from .evaluate import kd_loss, lm_loss
 from .models import load_base_model
 from .noise import NoiseSource
 from .prepare import prepare, quant_layers, target_linears
-from .teacher import fits_in_memory, heldout_kl, make_teacher
+from .teacher import fits_in_memory, heldout_scores, make_teacher
 from .reset_schedule import ResetSchedule
 
 METRICS = "metrics.jsonl"
@@ -74,15 +75,29 @@ def lr_factor(step: int, tcfg: TrainConfig) -> float:
 
 
 def _param_groups(model, tcfg: TrainConfig):
-    scale, other = [], []
+    """AdamW groups: the latent weights at lr; the scales at scale_lr (default lr) times their grid's
+    scale_factor / step_scale, so a scale moves by the same share of itself on every grid (Adam's step is about the
+    lr, whatever the gradient: nl4's alpha is a sixteenth of a level step, lsq's one step, so nl4's scale lr is
+    a sixteenth); zero points at scale_lr."""
+    from .prepare import quant_layers
+
+    base = tcfg.scale_lr or tcfg.lr
+    unit = {}  # alpha parameter id -> its lr factor
+    for m in quant_layers(model).values():
+        unit[id(m.alpha)] = m.spec.scale_factor / m.spec.step_scale
+    groups: dict[float, list] = {}
+    other = []
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (scale if n.endswith(".alpha") or n.endswith(".zero_point") else other).append(p)
-    return [
-        {"params": other, "lr": tcfg.lr, "weight_decay": tcfg.weight_decay, "base_lr": tcfg.lr},
-        {"params": scale, "lr": tcfg.scale_lr or tcfg.lr, "weight_decay": 0.0, "base_lr": tcfg.scale_lr or tcfg.lr},
-    ]
+        if n.endswith(".alpha") or n.endswith(".zero_point"):
+            groups.setdefault(unit.get(id(p), 1.0), []).append(p)
+        else:
+            other.append(p)
+    out = [{"params": other, "lr": tcfg.lr, "weight_decay": tcfg.weight_decay, "base_lr": tcfg.lr}]
+    for f, ps in sorted(groups.items(), reverse=True):
+        out.append({"params": ps, "lr": base * f, "weight_decay": 0.0, "base_lr": base * f})
+    return out
 
 
 def optimizer_state_tensors(opt, model) -> dict[str, torch.Tensor]:
@@ -125,13 +140,13 @@ def _set_rng_state(st: dict[str, torch.Tensor]) -> None:
 
 @torch.no_grad()
 def heldout_loss(model, blocks: PackedBlocks, n_blocks: int, batch_size: int, device) -> float:
-    """Mean loss over the first n_blocks held-out blocks (fixed, so curves are comparable)."""
+    """Mean loss over n_blocks held-out blocks spread over the stream (fixed, so curves are comparable)."""
     was = model.training
     model.eval()
     total, count = 0.0, 0
-    n = min(n_blocks, len(blocks))
-    for s in range(0, n, batch_size):
-        b = blocks.batch(range(s, min(n, s + batch_size))).to(device)
+    idx = blocks.spread(n_blocks)
+    for s in range(0, len(idx), batch_size):
+        b = blocks.batch(idx[s : s + batch_size]).to(device)
         total += lm_loss(model, b).item() * b.shape[0]
         count += b.shape[0]
     model.train(was)
@@ -248,23 +263,22 @@ class _Run:
         if self.state is not None:
             net, tok, _ = load_checkpoint(self.out, device="cpu")
             self.base_path = self.model_arg
-            train_ids = token_ids(self.data, "train", tok, progress=show)
+            base = None  # the float model: the teacher's copy, and the sampler of `generated` data on a cache miss
+            if tcfg.distill > 0 or self._samples():
+                base = load_base_model(self.model_arg)[0]
+            train_ids, held_ids = self._data(tok, base, show)
             if tcfg.distill > 0:
-                base = self.teacher_arg or self.model_arg
-                self.teacher = make_teacher(load_base_model(self.model_arg)[0], tok, base if self.teacher_arg else None,
-                                            self.device)
+                self.teacher = make_teacher(base, tok, self.teacher_arg, self.device)
         else:
             net, tok, self.base_path = load_base_model(self.model_arg)
-            train_ids = token_ids(self.data, "train", tok, progress=show)
+            train_ids, held_ids = self._data(tok, net, show)
             PackedBlocks(train_ids, tcfg.seq_len)  # too little data: refused before the teacher and the calibration
             self._start(net, tok, train_ids, show)
         net.config.use_cache = False
         net.train()
         self.tok = tok
         self.blocks = PackedBlocks(train_ids, tcfg.seq_len)
-        self.held = None
-        if tcfg.eval_every:
-            self.held = PackedBlocks(token_ids(self.eval_data or self.data, "valid", tok, progress=show), tcfg.seq_len)
+        self.held = PackedBlocks(held_ids, tcfg.seq_len) if held_ids is not None else None
 
         net.to(self.device)
         layers = quant_layers(net)
@@ -298,6 +312,26 @@ class _Run:
             with open(self.out / METRICS, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.records)
 
+    def _samples(self) -> bool:
+        """Does any data spec of the run name text sampled from the model (winq/generated.py)?"""
+        specs = [self.data, self.eval_data or self.data, self.calib_data or self.data]
+        return any(is_generated(p) for s in specs for p in parts(s))
+
+    def _data(self, tok, float_net, show: bool):
+        """(train ids, held-out ids or None), read while `float_net` is still the float model: the `generated`
+        spec samples from it (and, for calib_data, before prepare)."""
+        kw = {"progress": show, "model": float_net, "model_dir": self.base_path}
+        train_ids = token_ids(self.data, "train", tok, **kw)
+        held = token_ids(self.eval_data or self.data, "valid", tok, **kw) if self.tcfg.eval_every else None
+        if held is not None and (held.numel() - 1) // self.tcfg.seq_len < 1:
+            raise DataError(f"held-out data {self.eval_data or self.data!r} (valid split): {held.numel()} tokens, "
+                            f"fewer than one evaluation block of seq_len + 1 = {self.tcfg.seq_len + 1}: give more "
+                            "text (a file's last 5% of documents is held out), a smaller --seq-len, or --eval-every 0")
+        self.calib_ids = None
+        if self.calib_data is not None and self.state is None and self.qcfg.init != "max":
+            self.calib_ids = token_ids(self.calib_data, "train", tok, **kw)
+        return train_ids, held
+
     def _start(self, net, tok, train_ids, show: bool) -> None:
         """A new run: the teacher (a float copy, before anything is quantized), the calibration statistics of
         the float model, prepare() and the step-0 quantizer (winq.calibrate)."""
@@ -309,7 +343,7 @@ class _Run:
             self.teacher = make_teacher(net, tok, self.teacher_arg, self.device)
         hess = None
         if qcfg.init != "max":
-            ids = train_ids if self.calib_data is None else token_ids(self.calib_data, "train", tok, progress=show)
+            ids = train_ids if self.calib_ids is None else self.calib_ids
             t0 = time.time()
             batches = calibration_batches(ids, qcfg.calib_tokens, tcfg.seed)
             net.to(self.device)
@@ -435,10 +469,10 @@ class _Run:
         best state so far (keep_best: the lowest eval_kl when distilling, else eval_loss)."""
         t = self.tcfg
         n, net = t.eval_batches * t.batch_size, self._unwrapped()
-        rec = {"eval_loss": round(heldout_loss(net, self.held, n, t.batch_size, self.device), 6)}
-        if self.teacher is not None:
-            rec["eval_kl"] = round(heldout_kl(net, self.teacher, self.held, n, t.batch_size, self.device), 6)
-        return rec
+        if self.teacher is None:
+            return {"eval_loss": round(heldout_loss(net, self.held, n, t.batch_size, self.device), 6)}
+        loss, kl = heldout_scores(net, self.teacher, self.held, n, t.batch_size, self.device)
+        return {"eval_loss": round(loss, 6), "eval_kl": round(kl, 6)}
 
     def _track_best(self, done: int, rec: dict) -> None:
         if not self.tcfg.keep_best or self.fsdp:

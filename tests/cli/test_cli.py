@@ -181,6 +181,42 @@ def test_eval_missing_data_file(ckpt, tmp_path):
     assert_clean_error(invoke("eval", "--checkpoint", ckpt, "--data", tmp_path / "nope.txt"), "nope.txt", "ptb", "sotu")
 
 
+def test_eval_on_generated_data_is_refused_naming_train(ckpt):
+    assert_clean_error(invoke("eval", "--checkpoint", ckpt, "--data", "generated"), "sampled from the model",
+                       "winq train")
+
+
+def test_train_on_a_mixture_with_generated_text(tiny_llama, text_file, tmp_path):
+    out = tmp_path / "mix"
+    r = invoke(*train_args(tiny_llama, f"{text_file}+generated:600", out, "--eval-every", 3))
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert json.loads((out / "winq.json").read_text())["data"] == f"{text_file}+generated:600"
+
+
+@pytest.mark.parametrize("spec", ["generated:12", "generated:lots"])
+def test_train_on_a_bad_generated_count_is_refused(tiny_llama, tmp_path, spec):
+    r = invoke(*train_args(tiny_llama, spec, tmp_path / "o"))
+    assert_clean_error(r, f"data {spec!r}", "generated:N")
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_with_too_little_held_out_text_to_evaluate_is_refused(tiny_llama, tmp_path):
+    f = tmp_path / "small.txt"
+    docs = [f"document number {i} says the market rose {i} points" for i in range(19)] + ["the end of it all"]
+    f.write_text("\n\n".join(docs))  # the held-out 5%: the last document, a few tokens
+    r = invoke(*train_args(tiny_llama, f, tmp_path / "o", "--eval-every", 2))
+    assert_clean_error(r, "held-out data", "fewer than one evaluation block", "--eval-every 0")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags,what", [(["--eval-every", -1], "eval_every=-1"), (["--eval-batches", 0],
+                                                                                  "eval_batches=0")])
+def test_train_with_a_bad_evaluation_budget_is_refused(tiny_llama, text_file, tmp_path, flags, what):
+    r = invoke(*train_args(tiny_llama, text_file, tmp_path / "o", *flags))
+    assert_clean_error(r, what)
+    assert not (tmp_path / "o").exists()
+
+
 def test_eval_checkpoint_with_incomplete_winq_json(ckpt, tmp_path, text_file):
     bad = tmp_path / "bad"
     shutil.copytree(ckpt, bad)

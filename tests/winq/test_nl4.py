@@ -357,3 +357,41 @@ def test_a_reset_parks_every_weight_at_least_0_4_local_step_from_a_boundary():
     _, code, _, margin = tr._sample()
     assert torch.equal(code, tr.reset_codes)
     assert margin.min().item() >= 0.4 - 2e-3
+
+
+@pytest.mark.parametrize("grid,factor", [("nl4", 1 / 16), ("lsq", 1.0)])
+def test_scale_lr_is_in_units_of_the_level_step(grid, factor):
+    """Adam moves every parameter by about its lr: nl4's alpha is 1/16 of a level step (lsq's is one step), so its
+    scales get lr / 16 and move by the same share of themselves as lsq's; the latent weights keep lr."""
+    from winq.train import _param_groups
+
+    net = nn.Sequential(nn.Linear(64, 8, bias=False))
+    winq.prepare(net, QuantConfig(bits=4, grid=grid, group_size=32, embed="float"))
+    groups = _param_groups(net, winq.TrainConfig(lr=1e-4, scale_lr=3e-4))
+    alpha = net[0].alpha
+    (g,) = [g for g in groups if any(p is alpha for p in g["params"])]
+    assert g["lr"] == pytest.approx(3e-4 * factor) and g["base_lr"] == g["lr"]
+    (w,) = [g for g in groups if any(p is net[0].weight for p in g["params"])]
+    assert w["lr"] == 1e-4
+
+
+@pytest.mark.parametrize("grid,factor", [("nl4", 1 / 16), ("lsq", 1.0)])
+def test_scale_noise_is_in_units_of_the_level_step(grid, factor):
+    """WinQ's noise on the scale (sigma 1e-3 on an LSQ scale, one level step) is sigma / 16 on nl4's alpha, a
+    sixteenth of a level step; the noisy forward uses it."""
+    from winq.noise import NoiseSource
+
+    net = nn.Sequential(nn.Linear(64, 8, bias=False))
+    winq.prepare(net, QuantConfig(bits=4, grid=grid, group_size=32, embed="float"))
+    m = net[0]
+    m.noise_sigma = 1e-3
+    assert m.scale_noise_sigma == pytest.approx(1e-3 * factor)
+    src = NoiseSource(net, 0, {"0": m}, background=False)
+    src.draw()
+    assert float(m.eps_a.abs().max()) > 0
+    w = m.weight.detach() + 1e-3 * m.eps_w
+    a = m.alpha.detach() + 1e-3 * factor * m.eps_a
+    grouped = w.reshape(8, 2, 32)
+    expect = (fp16(a.abs().clamp(min=1e-5) * a.sign() * m.spec.scale_factor)[..., None]
+              * m.spec.level_value(grouped / signed_clamp(a)[..., None])).reshape(8, 64)
+    assert torch.allclose(m.fake_weight(noise=True), expect, atol=0, rtol=0)
