@@ -29,14 +29,20 @@ def train(
                                       "a .txt/.jsonl file or folder | a mixture a+b in equal shares (the default: "
                                       "PTB news, State of the Union speeches and the model's own text)")]
     = DEFAULT_DATA,
-    bits: Annotated[int, typer.Option(help="weight bits: 1, 2, 3, 4 or 8")] = Q.bits,
+    bits: Annotated[int, typer.Option(help="weight bits: 1, 2, 3, 4, 5, 6 (q6_k) or 8")] = Q.bits,
     grid: Annotated[
         Optional[str],
         typer.Option(
-            help="lsq | seq | ternary | binary | affine | nl4 (default: seq for 2 bits, lsq for 3/4/8, binary for 1; "
-            "nl4: llama.cpp's IQ4_NL levels, group 32)"
+            help="lsq | seq | ternary | binary | affine | nl4 | q2_k | q3_k | q4_k | q5_k | q6_k (default: seq for 2 "
+            "bits, lsq for 3/4/5/8, binary for 1; nl4: llama.cpp's IQ4_NL levels, group 32; q*_k: llama.cpp's K-quants "
+            "with their sub-block scales trained, exported exactly; see --recipe)"
         ),
     ] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="per-tensor K-quant mix, as llama.cpp's: q4_k_m | q5_k_m "
+                                                  "(attn_v and ffn_down in Q6_K on some layers) | q2_k | q3_k | q4_k "
+                                                  "| q5_k | q6_k; sets --grid, --bits and --group-size per layer "
+                                                  "(rows not a multiple of 256 take llama.cpp's fallback type)")]
+    = Q.recipe,
     group_size: Annotated[
         int, typer.Option("--group-size", help="weights per scale: 32 is GGUF's Q4_0/IQ4_NL/Q8_0 block (and a GPTQ "
                           "and MatMulNBits group); -1: one scale per row; else a divisor of every in_features")
@@ -143,7 +149,7 @@ def train(
 
     def go():
         qcfg = QuantConfig(bits=bits, grid=grid, group_size=group_size, quantize_lm_head=quantize_lm_head, init=init,
-                           calib_tokens=calib_tokens, embed=embed)
+                           calib_tokens=calib_tokens, embed=embed, recipe=recipe)
         try:
             every = reinit_every if reinit_every == "auto" else int(reinit_every)
         except ValueError:
@@ -297,7 +303,11 @@ def eval_cmd(
             res["act"] = {"mode": act, "plan": plan.describe(), "schemes": plan.counts()}
         return res
 
-    res = _run(go)
+    _print_eval(_run(go), data, split, seq_len, stride, as_json)
+
+
+def _print_eval(res: dict, data: str, split: str, seq_len: int, stride: int, as_json: bool) -> None:
+    """`winq eval`'s report: a table (and the relative differences), or the JSON record."""
     ref, results = res["reference"], res["results"]
     if "act" in res and not as_json:
         note(f"fakequant emulates {res['act']['plan']}", style="cyan", label="act:")
@@ -431,7 +441,11 @@ def export_cmd(
             dest = out_dir if out_dir is not None else DEFAULT_EXPORT[fmt]
             return export(fmt, checkpoint, dest, overwrite=overwrite, **opts)
 
-    res = _run(go)
+    _print_export(_run(go), fmt, checkpoint, as_json)
+
+
+def _print_export(res, fmt: str, checkpoint: Path, as_json: bool) -> None:
+    """`winq export`'s report: the notes and a table of every tensor, or the JSON record."""
     m = res.manifest
     if as_json:
         print(

@@ -39,6 +39,7 @@ from torch import nn
 
 from .config import MIN_CALIB_TOKENS, check_init
 from .errors import ConfigError, DataError
+from . import kquant
 from .grids import clamp_alpha
 
 # alpha candidates as multiples of the max rule: a coarse pass (1.0, the reference, is among them), then a fine
@@ -209,10 +210,26 @@ def gptq_weights(layer, H: torch.Tensor, alpha: torch.Tensor, zero: torch.Tensor
     Wt = W.t().contiguous().float()  # float32 updates, as GPTQ's reference (the inverse is taken in float64)
     U = U.float()
     latent = torch.empty_like(Wt)
-    At = clamp_alpha(alpha.to(torch.float32)).t().contiguous()  # (G, out): x = W / A, in float32 as the layer
-    St = _fp16(At * spec.scale_factor)  # (G, out): the deployed scale
-    Zt = torch.clamp(torch.round(zero.t().to(torch.float32)), 0, 2**spec.bits - 1) if zero is not None else None
+    fmt = spec.kquant
+    if fmt is not None:  # K grids: the sub-block scale S and min M as the forward rounds them (winq.kquant)
+        S, M, _ = kquant.sub_scales(alpha.to(torch.float32), zero.to(torch.float32) if zero is not None else None,
+                                    fmt, ste=False)
+        St, Mt = S.t().contiguous(), M.t().contiguous()  # (G, out)
+    else:
+        At = clamp_alpha(alpha.to(torch.float32)).t().contiguous()  # (G, out): x = W / A, in float32 as the layer
+        St = _fp16(At * spec.scale_factor)  # (G, out): the deployed scale
+        Zt = torch.clamp(torch.round(zero.t().to(torch.float32)), 0, 2**spec.bits - 1) if zero is not None else None
     hi = 2**spec.bits - 1
+
+    def value(w, gi):  # the forward's fake-quant value of one column, on float32 values as the layer computes it
+        if fmt is not None:
+            return St[gi] * kquant.levels(w, St[gi], Mt[gi], fmt, ste=False) - Mt[gi]
+        x = w / At[gi]
+        if Zt is None:
+            return St[gi] * spec.level_value(x)
+        z = Zt[gi]
+        return St[gi] * torch.minimum(torch.maximum(torch.round(x), -z), hi - z)
+
     for i1 in range(0, n, BLOCK):
         i2 = min(n, i1 + BLOCK)
         W1 = Wt[i1:i2].clone()  # (b, out)
@@ -221,19 +238,34 @@ def gptq_weights(layer, H: torch.Tensor, alpha: torch.Tensor, zero: torch.Tensor
         for i in range(i2 - i1):
             gi = (i1 + i) // g
             w = W1[i]
-            x = w / At[gi]
-            if Zt is None:  # the forward's level, on float32 values as the layer computes it
-                lev = spec.level_value(x)
-            else:
-                z = Zt[gi]
-                lev = torch.minimum(torch.maximum(torch.round(x), -z), hi - z)
             latent[i1 + i] = w
-            e = (w - St[gi] * lev) / U1[i, i]
+            e = (w - value(w, gi)) / U1[i, i]
             W1[i:].addr_(U1[i, i:], e, alpha=-1.0)
             E1[i] = e
         Wt[i2:] -= U[i1:i2, i2:].t() @ E1
     latent = latent.t()
     return latent.to(torch.float32)
+
+
+def _kq_error(m, w, hw, alpha, mu) -> float:
+    return float((hw * (w - kquant.kq_weight(w, alpha, mu, m.spec.kquant, ste=False)) ** 2).sum())
+
+
+@torch.no_grad()
+def _init_kq(m, w, h, H) -> tuple[float, float]:
+    """A K-grid layer's start: the weighted sub-block search (winq.kquant.search), then GPTQ with the rounded
+    sub-block scales when H is given; returns (its weighted error, the unweighted search's) before GPTQ."""
+    fmt = m.spec.kquant
+    hw = torch.ones_like(w[:1]) if h is None else h.reshape(1, w.shape[1], w.shape[2])
+    alpha, mu = kquant.search(w, hw, fmt)
+    base_a, base_mu = kquant.search(w, None, fmt)
+    num, den = _kq_error(m, w, hw, alpha, mu), _kq_error(m, w, hw, base_a, base_mu)
+    m.alpha.copy_(alpha)
+    if mu is not None:
+        m.zero_point.copy_(mu)
+    if H is not None:
+        m.weight.copy_(gptq_weights(m, H, alpha, mu))
+    return num, den
 
 
 @torch.no_grad()
@@ -262,6 +294,10 @@ def initialize(model: nn.Module, init: str, hessians: dict[str, torch.Tensor] | 
         w = m._grouped(m.weight.detach().float())  # (out, G, g)
         if not torch.isfinite(w).all():
             raise ConfigError(f"{name}.weight contains NaN or Inf; cannot initialise quantization scales")
+        if m.spec.kquant is not None:
+            n, d = _init_kq(m, w, h, H if init == "gptq" else None)
+            num, den = num + n, den + d
+            continue
         alpha = search_alpha(m, w, h)  # (out, G)
         zero = None
         if m.spec.grid == "affine":

@@ -34,13 +34,28 @@ class QuantConfig:
     skip: tuple[str, ...] = ()  # module-name substrings that stay full precision
     init: str = "gptq"  # step-0 quantizer (winq.calibrate): max (the WinQ reference) | search | gptq
     calib_tokens: int = 8192  # calibration tokens (at most) for init search / gptq, from the training data
+    recipe: str | None = None  # per-tensor K-quant mix (winq.recipes: q2_k .. q6_k, q4_k_m, q5_k_m): sets grid,
+    #                            bits and group size per layer; None: every layer in `grid`
     embed: str = "q8_0"  # token embeddings (and a float lm_head): q8_0 (snapped to Q8_0's lattice, frozen: the
     #                      GGUF export stores them as Q8_0 exactly, as llama.cpp's Q4_0 files do) | float (trained)
 
     def __post_init__(self):
+        if self.recipe is not None:
+            from .recipes import base_grid
+
+            base = base_grid(self.recipe)
+            if self.grid is not None and self.grid != base.grid:
+                raise ConfigError(f"recipe={self.recipe!r} trains in {base.grid} (and its mix): drop grid="
+                                  f"{self.grid!r}, or drop the recipe")
+            for field, v in (("grid", base.grid), ("bits", base.bits), ("group_size", base.group_size)):
+                object.__setattr__(self, field, v)
         if self.grid is None:
             if self.bits not in DEFAULT_GRID:
                 valid = sorted({b for bs in GRID_BITS.values() for b in bs})
+                takers = [g for g, bs in GRID_BITS.items() if self.bits in bs]
+                if takers:
+                    raise ConfigError(f"bits={self.bits} has no default grid: choose grid {' or '.join(takers)} "
+                                      f"(--grid), or a recipe")
                 raise ConfigError(f"bits={self.bits} is not supported: choose one of {valid}")
             object.__setattr__(self, "grid", DEFAULT_GRID[self.bits])
         check_grid(self.grid, self.bits)

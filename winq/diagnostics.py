@@ -71,6 +71,8 @@ class CodeTracker:
             w = m.weight.detach().reshape(-1)[idx].float()
             alpha = clamp_alpha(m.alpha.detach().reshape(-1)[gidx])  # signed: a negative alpha mirrors the lattice
             zero = m.zero_point.detach().reshape(-1)[gidx] if m.zero_point is not None else None
+            if zero is not None and m.spec.kquant is not None:  # a K grid's min mu, in units of its float scale
+                zero = zero.clamp(min=0) / alpha.abs()
             u, lo, hi = m.spec.step_coordinates(w / alpha, zero)  # the layer's own x = W / alpha
             uc = torch.clamp(u, lo, hi)
             code = torch.round(uc)

@@ -15,6 +15,7 @@ integer codes q in [0, 2**bits) and a deployment scale s such that the fake-quan
 | binary  | 1     | -0.5, 0.5                    | 0.5        | 2 alpha   | sign(x) / 2 (x >= 0 -> +)            |
 | affine  | 2..8  | q - z, z a learned integer   | 0..2^b - 1 | alpha     | clamp(round(x) + z, 0, 2^b - 1)      |
 | nl4     | 4     | NL4_LEVELS[q] (IQ4_NL's)     | 0          | alpha     | nearest level to clamp(x, -127, 113) |
+| q2_k .. q6_k | 2..6 | llama.cpp's K-quants: two-level scales, see winq.kquant (not s (q - z) per group)      |
 
 `levels()` computes the level (q - z) with straight-through rounding, so autograd gives
 the LSQ / stretched-elastic gradients for both W and alpha: the product rule on
@@ -48,17 +49,72 @@ import torch
 
 from .errors import ConfigError
 
-GRIDS = ("lsq", "seq", "ternary", "binary", "affine", "nl4")
+KGRIDS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")  # llama.cpp's K-quants, two-level scales (winq.kquant)
+GRIDS = ("lsq", "seq", "ternary", "binary", "affine", "nl4", *KGRIDS)
 # bits each grid accepts (the code width in the packed formats)
 GRID_BITS = {
-    "lsq": (3, 4, 8),
+    "lsq": (3, 4, 5, 8),
     "seq": (2,),
     "ternary": (2,),
     "binary": (1,),
     "affine": (2, 3, 4, 8),
     "nl4": (4,),
+    "q2_k": (2,),
+    "q3_k": (3,),
+    "q4_k": (4,),
+    "q5_k": (5,),
+    "q6_k": (6,),
 }
-DEFAULT_GRID = {1: "binary", 2: "seq", 3: "lsq", 4: "lsq", 8: "lsq"}
+
+# ---- the K grids' formats (their quantizer: winq.kquant) ----
+
+SUPER = 256  # weights per K-quant super-block (ggml's QK_K)
+
+
+@dataclass(frozen=True)
+class KFormat:
+    name: str  # the grid name, also the ggml type's lower-case name ("q4_k")
+    bits: int  # bits per weight code
+    sub: int  # weights per sub-block (the grid's group size)
+    scale_bits: int  # bits of each sub-block scale (and min) code
+    has_min: bool  # W = S q - M with an unsigned scale and a min (else a signed scale and signed levels)
+    fallback: tuple[str, int, int]  # (grid, bits, group) llama.cpp uses for rows that are not whole super-blocks
+
+    @property
+    def n_sub(self) -> int:
+        return SUPER // self.sub
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        """(lo, hi) of the level: q for the types with a min, the signed l otherwise."""
+        return (0, 2**self.bits - 1) if self.has_min else (-(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1)
+
+    @property
+    def scale_range(self) -> tuple[int, int]:
+        """(lo, hi) of the sub-block scale code sc (and min code m)."""
+        return (0, 2**self.scale_bits - 1) if self.has_min else (-(2 ** (self.scale_bits - 1)),
+                                                                 2 ** (self.scale_bits - 1) - 1)
+
+    @property
+    def offset(self) -> int:
+        """The stored code is level + offset (0 .. 2^b - 1)."""
+        return 0 if self.has_min else 2 ** (self.bits - 1)
+
+
+# llama.cpp's fallbacks (tensor_type_fallback in llama-quant.cpp, as vendored by llama-cpp-python 0.3.36) for rows
+# that are not a multiple of 256: Q2_K / Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1 (winq: Q5_0, whose uniform signed
+# grid trains as lsq 5-bit; Q5_1's min is exact only where fp16(-z s) is), Q6_K -> Q8_0
+KFORMATS: dict[str, KFormat] = {
+    "q2_k": KFormat("q2_k", 2, 16, 4, True, ("lsq", 4, 32)),
+    "q3_k": KFormat("q3_k", 3, 16, 6, False, ("lsq", 4, 32)),
+    "q4_k": KFormat("q4_k", 4, 32, 6, True, ("lsq", 5, 32)),
+    "q5_k": KFormat("q5_k", 5, 32, 6, True, ("lsq", 5, 32)),
+    "q6_k": KFormat("q6_k", 6, 16, 8, False, ("lsq", 8, 32)),
+}
+
+
+KGRID_SUB = {k: f.sub for k, f in KFORMATS.items()}  # weights per sub-block (the group)
+DEFAULT_GRID = {1: "binary", 2: "seq", 3: "lsq", 4: "lsq", 5: "lsq", 8: "lsq"}
 SEQ_CLIP = 1.0 - 1e-2  # ParetoQ's clip_val: keeps round(clamp(x) * 2 - 0.5) inside {-2..1}
 ALPHA_EPS = 1e-5  # ParetoQ: alpha = max(alpha, 1e-5)
 
@@ -141,7 +197,14 @@ def check_grid(grid: str, bits: int) -> None:
 
 def check_group(grid: str, group_size: int, in_features: int | None = None) -> None:
     """ConfigError when the grid cannot use this group size: nl4 takes groups of exactly 32 (an IQ4_NL block);
-    group_size -1 (per row) is accepted only for rows of 32 (in_features given)."""
+    group_size -1 (per row) is accepted only for rows of 32 (in_features given). A K grid's group is its sub-block
+    (16 or 32, KGRID_SUB)."""
+    if grid in KGRID_SUB:
+        if group_size != KGRID_SUB[grid]:
+            raise ConfigError(f"grid {grid!r} (llama.cpp's {grid.upper()}) has one scale per sub-block of "
+                              f"{KGRID_SUB[grid]} weights: use group_size={KGRID_SUB[grid]} (--group-size "
+                              f"{KGRID_SUB[grid]}), or --recipe {grid}, which sets it; got {group_size}")
+        return
     if grid != "nl4":
         return
     g = in_features if group_size == -1 and in_features is not None else group_size
@@ -281,17 +344,23 @@ class GridSpec:
             "binary": 0.5,
             "affine": None,
             "nl4": 0.0,
-        }[self.grid]
+        }.get(self.grid, 0.0)  # K grids: the level is the code minus KFormat.offset (winq.kquant)
 
     @property
     def scale_factor(self) -> float:
         """Deployment scale s = scale_factor * alpha."""
-        return {"lsq": 1.0, "seq": 0.5, "ternary": 2.0 / 3.0, "binary": 2.0, "affine": 1.0, "nl4": 1.0}[self.grid]
+        return {"lsq": 1.0, "seq": 0.5, "ternary": 2.0 / 3.0, "binary": 2.0, "affine": 1.0}.get(self.grid, 1.0)
+
+    @property
+    def kquant(self) -> KFormat | None:
+        """The KFormat of a K grid (q2_k .. q6_k; its quantizer is winq.kquant), else None."""
+        return KFORMATS.get(self.grid)
 
     @property
     def uniform(self) -> bool:
-        """Are the levels evenly spaced, level = q - z (every grid but nl4, whose levels are IQ4_NL's table)?"""
-        return self.grid != "nl4"
+        """Is the weight one scale per group times level q - z (every grid but nl4, whose levels are IQ4_NL's
+        table, and the K grids, whose scales are two-level and whose mins are not integer zeros)?"""
+        return self.grid != "nl4" and self.grid not in KGRID_SUB
 
     @property
     def level_table(self) -> tuple[int, ...] | None:
@@ -302,7 +371,7 @@ class GridSpec:
     def asymmetric(self) -> bool:
         """Fixed levels that are not symmetric about 0 (lsq: -8..7; nl4: -127..113), so the mirror image of the
         lattice (a negative scale) is a different lattice."""
-        return self.grid in ("lsq", "nl4")
+        return self.grid in ("lsq", "nl4", "q3_k", "q6_k")
 
     @property
     def step_scale(self) -> float:
@@ -397,6 +466,9 @@ class GridSpec:
         rounding boundaries (the midpoints) sit at half-integers of u as well and a step is the local one."""
         if self.grid == "lsq":
             return x, -(2.0 ** (self.bits - 1)), 2.0 ** (self.bits - 1) - 1.0
+        if self.kquant is not None:  # x in units of the float sub-block scale; zero: mu / alpha (types with a min)
+            lo, hi = self.kquant.code_range
+            return (x + zero if zero is not None else x), float(lo), float(hi)
         if self.grid == "seq":
             return 2.0 * x - 0.5, -2.0, 1.0
         if self.grid == "ternary":

@@ -20,6 +20,7 @@ from .errors import ConfigError, ModelError
 from .grids import check_group
 from .qlinear import QuantLinear
 from .qweight import QuantizedWeight
+from .recipes import layer_plan
 
 
 def _output_embedding_names(model: nn.Module) -> set[str]:
@@ -55,17 +56,17 @@ def prepare(model: nn.Module, cfg: QuantConfig, init: bool = True) -> nn.Module:
             "found no torch.nn.Linear layers to quantize; winq supports models built from nn.Linear "
             f"(Llama, Qwen2, Mistral, ...). This model's weight-bearing modules: {', '.join(kinds)}"
         )
+    widths = {n: model.get_submodule(n).in_features for n in names}
+    plan = layer_plan(cfg, widths)  # per layer: the config's grid, a recipe's mix, a K grid's fallback
     for n in names:  # nl4 takes groups of 32 only: refuse before swapping anything
-        check_group(cfg.grid, cfg.group_size, model.get_submodule(n).in_features)
-    if cfg.group_size != -1:
-        widths = {n: model.get_submodule(n).in_features for n in names}
-        bad = [(n, k) for n, k in widths.items() if k % cfg.group_size]
-        if bad:
-            n, k = bad[0]
-            raise ConfigError(
-                f"group_size={cfg.group_size} does not divide in_features={k} of {n} "
-                f"({len(bad)} layers affected); use -1 (per row) or a divisor of every in_features"
-            )
+        check_group(plan[n].grid, plan[n].group_size, widths[n])
+    bad = [(n, k) for n, k in widths.items() if plan[n].group_size != -1 and k % plan[n].group_size]
+    if bad:
+        n, k = bad[0]
+        raise ConfigError(
+            f"group_size={plan[n].group_size} does not divide in_features={k} of {n} "
+            f"({len(bad)} layers affected); use -1 (per row) or a divisor of every in_features"
+        )
     for name in names:  # validate everything before swapping anything: a failure leaves the model as it was
         w = model.get_submodule(name).weight
         if not torch.isfinite(w).all():
@@ -80,7 +81,8 @@ def prepare(model: nn.Module, cfg: QuantConfig, init: bool = True) -> nn.Module:
         lin = model.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear.from_linear(lin, cfg.grid, cfg.bits, cfg.group_size, init=init))
+        lq = plan[name]
+        setattr(parent, child, QuantLinear.from_linear(lin, lq.grid, lq.bits, lq.group_size, init=init))
     if cfg.embed == "q8_0":
         for p in tables.values():
             if init:

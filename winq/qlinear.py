@@ -3,7 +3,8 @@
 Parameters (saved in checkpoints under the layer's name):
     weight      float32 (out, in)  the latent full-precision weight W (trained)
     alpha       float32 (out, G)   the learned scale per row (G = 1) or per group
-    zero_point  float32 (out, G)   affine grid only: learned zero, rounded (STE) in the forward
+    zero_point  float32 (out, G)   affine grid: learned zero, rounded (STE) in the forward; K grids with a min
+                                   (q2_k, q4_k, q5_k): the float min magnitude mu (winq.kquant)
     bias        as in the original layer (never quantized)
 
 Forward: W_q = half_ste(s(alpha)) * level(W / alpha) with straight-through rounding, so
@@ -21,8 +22,9 @@ Two forward paths compute the same W_q bit for bit:
   clamped and rounded copies and W_q itself for the backward (about 20 bytes per weight: the
   default model's training step peaked at 5.5 GB without noise against 3.1 GB for plain fp32
   fine-tuning); the fused layer keeps none of them.
-* everything else (eval, no_grad, the affine grid, second derivatives for winq.hessian): the
-  composite expression with straight-through rounding in `fake_weight()`.
+* everything else (eval, no_grad, the affine grid, the K grids, second derivatives for winq.hessian): the
+  composite expression with straight-through rounding in `fake_weight()` (K grids: winq.kquant.kq_weight, whose
+  sub-block scales are rounded per super-block as the file stores them).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, ModelError
+from . import kquant
 from .grids import ALPHA_EPS, GridSpec, clamp_alpha, check_group, half_ste
 from .qweight import QuantizedWeight
 
@@ -49,7 +52,12 @@ class QuantLinear(nn.Linear):
         self.group_size = g
         n_groups = in_features // g
         self.alpha = nn.Parameter(torch.ones(out_features, n_groups, device=device, dtype=torch.float32))
-        if grid == "affine":
+        fmt = self.spec.kquant
+        if fmt is not None and in_features % kquant.SUPER:
+            raise ConfigError(f"grid {grid!r} stores super-blocks of {kquant.SUPER} weights, but rows have "
+                              f"{in_features}: llama.cpp uses {fmt.fallback[0]} {fmt.fallback[1]}-bit for such rows "
+                              "(winq.recipes picks it per layer)")
+        if grid == "affine" or (fmt is not None and fmt.has_min):
             self.zero_point = nn.Parameter(torch.zeros(out_features, n_groups, device=device, dtype=torch.float32))
         else:
             self.register_parameter("zero_point", None)
@@ -92,6 +100,12 @@ class QuantLinear(nn.Linear):
         w = self._grouped(self.weight.float())  # (out, G, g)
         if not torch.isfinite(w).all():
             raise ModelError("weight contains NaN or Inf; cannot initialise quantization scales")
+        if self.spec.kquant is not None:
+            alpha, mu = kquant.search(w, None, self.spec.kquant)
+            self.alpha.copy_(alpha)
+            if mu is not None:
+                self.zero_point.copy_(mu)
+            return
         alpha = self.spec.init_alpha(w)  # (out, G, 1)
         self.alpha.copy_(alpha[..., 0])
         if self.zero_point is not None:
@@ -136,6 +150,9 @@ class QuantLinear(nn.Linear):
         if noise and self._noisy():
             w = torch.add(w, self.eps_w, alpha=self.noise_sigma)  # one pass: W + sigma * eps
             alpha = torch.add(alpha, self.eps_a, alpha=self.scale_noise_sigma)
+        if self.spec.kquant is not None:
+            wq = kquant.kq_weight(self._grouped(w), alpha, self.zero_point, self.spec.kquant)
+            return wq.reshape(self.out_features, self.in_features)
         a = clamp_alpha(alpha)[..., None]  # (out, G, 1)
         zp = self.zero_point[..., None] if self.zero_point is not None else None
         lev = self.spec.levels(self._grouped(w), a, zp)  # (out, G, g)
@@ -145,7 +162,7 @@ class QuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant is not None:
             x = self.act_quant(x, ste=self.training and torch.is_grad_enabled())
-        if self.training and self.zero_point is None and torch.is_grad_enabled():
+        if self.training and self.zero_point is None and self.spec.kquant is None and torch.is_grad_enabled():
             return _FakeQuantLinear.apply(x, self.weight, self.alpha, self.bias, self)
         w = self.fake_weight(noise=self.training)
         b = self.bias
@@ -157,6 +174,8 @@ class QuantLinear(nn.Linear):
     @torch.no_grad()
     def quantized_weight(self) -> QuantizedWeight:
         """codes / fp16 scale / zero of the current weights (no noise)."""
+        if self.spec.kquant is not None:
+            return self._quantized_kq()
         a = clamp_alpha(self.alpha)[..., None]
         zp = self.zero_point[..., None] if self.zero_point is not None else None
         lev = self.spec.levels(self._grouped(self.weight.float()), a, zp)  # (out, G, g)
@@ -172,6 +191,26 @@ class QuantLinear(nn.Linear):
             grid=self.spec.grid,
             bits=self.spec.bits,
             group_size=self.group_size,
+        )
+
+    @torch.no_grad()
+    def _quantized_kq(self) -> QuantizedWeight:
+        fmt = self.spec.kquant
+        if not torch.isfinite(self.weight).all() or not torch.isfinite(self.alpha).all() or (
+                self.zero_point is not None and not torch.isfinite(self.zero_point).all()):
+            raise ModelError("weights or scales contain NaN/Inf; this layer cannot be exported")
+        f = kquant.encode(self._grouped(self.weight.float()), self.alpha, self.zero_point, fmt)
+        rep = fmt.n_sub
+        return QuantizedWeight(
+            codes=f["codes"].reshape(self.out_features, self.in_features),
+            scale=f["d"].repeat_interleave(rep, 1),
+            zero=torch.zeros_like(self.alpha, dtype=torch.float32),
+            grid=self.spec.grid,
+            bits=self.spec.bits,
+            group_size=self.group_size,
+            sub_scale=f["sc"],
+            sub_min=f["m"],
+            super_min=f["dmin"].repeat_interleave(rep, 1),
         )
 
     @torch.no_grad()

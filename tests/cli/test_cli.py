@@ -132,9 +132,9 @@ def test_resume_a_finished_run_keeps_it(ckpt, tmp_path, tiny_llama, text_file):
 # ---- refusals: exit 1, one line, no traceback ------------------------------------------------------
 
 
-def test_bits_5(tiny_llama, text_file, tmp_path):
+def test_bits_7(tiny_llama, text_file, tmp_path):
     out = tmp_path / "o"
-    assert_clean_error(invoke(*train_args(tiny_llama, text_file, out, "--bits", 5)), "bits=5", "1, 2, 3, 4, 8")
+    assert_clean_error(invoke(*train_args(tiny_llama, text_file, out, "--bits", 7)), "bits=7", "1, 2, 3, 4, 5, 6, 8")
     assert not out.exists()
 
 

@@ -48,8 +48,8 @@ def test_export_gguf_json_and_type_option(ck4, tmp_path):
 
 
 def test_export_gguf_bad_type(ck4, tmp_path):
-    r = invoke("export", "--format", "gguf", "--checkpoint", ck4, "--out", tmp_path / "m.gguf", "--type", "q5_k")
-    assert_clean_error(r, "unknown GGUF type 'q5_k'", "q4_0", "q3_k")
+    r = invoke("export", "--format", "gguf", "--checkpoint", ck4, "--out", tmp_path / "m.gguf", "--type", "q7_k")
+    assert_clean_error(r, "unknown GGUF type 'q7_k'", "q4_0", "q3_k")
     assert not (tmp_path / "m.gguf").exists()
 
 

@@ -88,7 +88,8 @@ def test_block_encoders_match_gguf_dequantizer(rows, nb, seed):
         np.testing.assert_array_equal(got, dx * (t.astype(np.float32) - 1), err_msg=typ)
     for typ, cls in TYPES.items():  # sizes from gguf-py's GGML_QUANT_SIZES
         assert cls.bits_per_weight() == {"q4_0": 4.5, "q4_1": 5.0, "q8_0": 8.5, "q2_k": 2.625, "q3_k": 3.4375,
-                                    "tq2_0": 2.0625, "tq1_0": 1.6875, "iq4_nl": 4.5}[typ]
+                                    "tq2_0": 2.0625, "tq1_0": 1.6875, "iq4_nl": 4.5, "q4_k": 4.5, "q5_k": 5.5,
+                                        "q6_k": 6.5625, "q5_0": 5.5}[typ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,8 +228,8 @@ def test_export_reads_back_exactly(exports, case):
 def test_export_refuses_unknown_options_and_leaves_nothing(bases, tmp_path):
     ck = make_checkpoint(bases[("llama", 256)], tmp_path / "ck", "lsq", 4, -1)
     out = tmp_path / "e" / "model.gguf"
-    with pytest.raises(ConfigError, match="unknown GGUF type 'q5_k'"):
-        export("gguf", ck, out, type="q5_k")
+    with pytest.raises(ConfigError, match="unknown GGUF type 'q7_k'"):
+        export("gguf", ck, out, type="q7_k")
     with pytest.raises(ConfigError, match="unknown option block_size; options are type, keep"):
         export("gguf", ck, out, block_size=32)
     with pytest.raises(ConfigError, match="choose one of auto, f16, f32, q8_0"):

@@ -15,9 +15,11 @@ from torch import nn
 
 import winq
 from winq import ConfigError, QuantConfig, QuantizedWeight, QuantLinear
+from winq.grids import KGRIDS
 
 # the uniform grids; nl4 (IQ4_NL levels, groups of 32 only) has its own reference in test_nl4.py
-PAIRS = [(g, b) for g, bs in winq.GRID_BITS.items() for b in bs if g != "nl4"]
+PAIRS = [(g, b) for g, bs in winq.GRID_BITS.items() for b in bs
+         if g != "nl4" and g not in KGRIDS]  # K grids: test_kquant.py
 SEQ_CLIP = 0.99  # ParetoQ's clip_val = 1 - 1e-2
 
 
@@ -433,10 +435,10 @@ def test_quantization_is_idempotent(pair):
 # configuration errors
 # ---------------------------------------------------------------------------------------
 def test_config_errors():
-    with pytest.raises(ConfigError, match=r"bits=5") as e:
-        QuantConfig(bits=5, group_size=-1, embed="float")
+    with pytest.raises(ConfigError, match=r"bits=7") as e:
+        QuantConfig(bits=7, group_size=-1, embed="float")
     assert isinstance(e.value, winq.WinqError) and isinstance(e.value, ValueError)
-    for b in (1, 2, 3, 4, 8):  # the message lists the valid bit widths
+    for b in (1, 2, 3, 4, 5, 6, 8):  # the message lists the valid bit widths
         assert str(b) in str(e.value)
 
     with pytest.raises(ConfigError, match=r"valid pairs") as e:
@@ -445,7 +447,8 @@ def test_config_errors():
     assert "bits=2" in msg and "'lsq'" in msg
     for g in winq.GRIDS:
         assert f"{g}:" in msg
-    assert "lsq: 3, 4, 8" in msg and "seq: 2" in msg and "binary: 1" in msg and "affine: 2, 3, 4, 8" in msg
+    assert "lsq: 3, 4, 5, 8" in msg and "seq: 2" in msg and "binary: 1" in msg and "q6_k: 6" in msg
+    assert "affine: 2, 3, 4, 8" in msg
 
     with pytest.raises(ConfigError, match=r"unknown grid 'nf4'.*lsq.*seq.*ternary.*binary.*affine"):
         QuantConfig(bits=4, grid="nf4", group_size=-1, embed="float")

@@ -34,12 +34,16 @@ from winq.qweight import QuantizedWeight
 
 
 # non-uniform grids -> where they are exact (the refusal of every integer-container format names it)
-NON_UNIFORM = {"nl4": "--format gguf (IQ4_NL, exact; or the Q8_0 container)"}
+NON_UNIFORM = {"nl4": "--format gguf (IQ4_NL, exact; or the Q8_0 container)",
+               **{g: f"--format gguf ({g.upper()}, exact)" for g in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")}}
 
 
 def non_uniform_message(grid: str, bits: int, fmt: str) -> str:
-    return (f"{fmt} cannot hold grid {grid!r} ({bits}-bit): its levels are llama.cpp's IQ4_NL table, not evenly "
-            f"spaced, and {fmt} stores scale * (q - zero); export it with {NON_UNIFORM.get(grid, '--format gguf')}")
+    why = ("its levels are llama.cpp's IQ4_NL table, not evenly spaced" if grid == "nl4" else
+           f"its scales are {grid.upper()}'s two-level ones (an fp16 scale per 256 weights times integer sub-block "
+           "scales, and sub-block mins)")
+    return (f"{fmt} cannot hold grid {grid!r} ({bits}-bit): {why}, and {fmt} stores scale * (q - zero) per group; "
+            f"export it with {NON_UNIFORM.get(grid, '--format gguf')}")
 
 
 def half_mul(qw: QuantizedWeight) -> int:

@@ -286,15 +286,20 @@ class Q4_1(BlockType):
 @register
 class Q3_K(BlockType):
     name, ggml, file_type, code_bits = "q3_k", GGMLQuantizationType.Q3_K, LlamaFileType.MOSTLY_Q3_K_M, 3
-    grids = ("lsq",)
+    grids = ("lsq", "q3_k")
 
     @classmethod
     def can_hold(cls, grid, bits):
-        return grid == "lsq" and bits == 3
+        return (grid == "lsq" and bits == 3) or grid == "q3_k"
+
+    @classmethod
+    def fits(cls, qw):
+        return _KType.fits(qw) if qw.grid == "q3_k" else super().fits(qw)
 
     @staticmethod
-    def pack(q: np.ndarray, d: np.ndarray) -> np.ndarray:
-        """q 0..7 = level + 4 (rows, cols), d float16 (rows, cols // 256); every 6-bit sub-block scale is 1."""
+    def pack(q: np.ndarray, d: np.ndarray, sc: np.ndarray | None = None) -> np.ndarray:
+        """q 0..7 = level + 4 (rows, cols), d float16 (rows, cols // 256); sc: the signed 6-bit sub-block scales
+        (rows, cols // 16), else every one is 1."""
         rows = q.shape[0]
         b = _blocks(q.astype(np.uint8), QK)
         n = b.shape[0]
@@ -305,11 +310,22 @@ class Q3_K(BlockType):
             hmask |= (hi[:, bit] << bit).astype(np.uint8)
         # 16 six-bit scales of value 33 (0b10_0001): low nibbles 1 in bytes 0..7 (both halves),
         # high crumbs 2 in bytes 8..11
-        scales = np.tile(np.array([0x11] * 8 + [0xAA] * 4, dtype=np.uint8), (n, 1))
+        if sc is None:
+            scales = np.tile(np.array([0x11] * 8 + [0xAA] * 4, dtype=np.uint8), (n, 1))
+        else:  # stored sc + 32: low nibbles of k and k + 8 in byte k (k < 8), bits 4..5 of 4 t + i in byte 8 + i
+            v = (np.asarray(sc).reshape(n, 16) + 32).astype(np.uint8)
+            low4 = v & 15
+            scales = np.concatenate([low4[:, :8] | (low4[:, 8:] << 4), np.zeros((n, 4), dtype=np.uint8)], axis=1)
+            for t in range(4):
+                scales[:, 8:] |= ((v[:, 4 * t:4 * t + 4] >> 4) << (2 * t)).astype(np.uint8)
         return _rows(np.concatenate([hmask, low, scales, _f16(d)], axis=1), rows)
 
     @classmethod
     def _encode(cls, qw, mul, name):
+        if qw.grid == "q3_k":
+            _, sc, _, d, _ = _kfields(qw)
+            return cls.pack(qw.codes.numpy(), d.reshape(qw.shape[0], -1), sc.reshape(qw.shape[0], -1)), \
+                "native (trained sub-block scales)"
         if mul != 1:
             raise FormatError(f"{name}: Q3_K holds integer zero points only")
         q, d = _levels_at(qw, 1, 4, 0, 7, name)
@@ -319,7 +335,11 @@ class Q3_K(BlockType):
 @register
 class Q2_K(BlockType):
     name, ggml, file_type, code_bits = "q2_k", GGMLQuantizationType.Q2_K, LlamaFileType.MOSTLY_Q2_K, 2
-    grids, max_bits = ("seq", "ternary", "binary", "affine"), 2
+    grids, max_bits = ("seq", "ternary", "binary", "affine", "q2_k"), 2
+
+    @classmethod
+    def fits(cls, qw):
+        return _KType.fits(qw) if qw.grid == "q2_k" else super().fits(qw)
 
     @staticmethod
     def pack(q: np.ndarray, d: np.ndarray, dmin: np.ndarray, sc: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -331,7 +351,14 @@ class Q2_K(BlockType):
 
     @classmethod
     def _encode(cls, qw, mul, name):
-        """x = d sc q - dmin m per 16: the codes as they are, d = dmin = s/m, sc = m, min m z (0..15)."""
+        """x = d sc q - dmin m per 16: the codes as they are, d = dmin = s/m, sc = m, min m z (0..15); the q2_k
+        grid's own trained sub-block scales and mins as they are."""
+        if qw.grid == "q2_k":
+            codes, sc, m, d, dmin = _kfields(qw)
+            r = qw.shape[0]
+            blocks = cls.pack(codes.reshape(r, -1), d.reshape(r, -1), dmin.reshape(r, -1), sc.reshape(r, -1),
+                              m.reshape(r, -1))
+            return blocks, "native (trained sub-block scales)"
         r = remap(qw, mul, 0, name, 0, 3 * mul, zero_range=(0, 15))  # q' = m q: q in 0..3
         d = _per_block(r.scale, qw, QK)
         sc = np.full((qw.shape[0], qw.shape[1] // 16), mul, dtype=np.uint8)
@@ -378,6 +405,118 @@ class TQ1_0(_Ternary):
         qs1 = _pack_trits(b[:, 160:240].reshape(n, 5, 16), 5)
         qh = _pack_trits(b[:, 240:].reshape(n, 4, 4), 4)
         return _rows(np.concatenate([qs0, qs1, qh, _f16(d)], axis=1), rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# the K grids (winq.kquant): the two-level scales stored as trained
+
+
+def _kfields(qw: QuantizedWeight):
+    """Per super-block: codes (n, 256) uint8, sc and m (n, n_sub) int64, d and dmin (n,) float16."""
+    fmt = qw.spec.kquant
+    rows = qw.shape[0]
+    n_sub = fmt.n_sub
+    codes = _blocks(qw.codes.numpy(), QK)
+    sc = qw.sub_scale.numpy().astype(np.int64).reshape(-1, n_sub)
+    m = qw.sub_min.numpy().astype(np.int64).reshape(-1, n_sub)
+    d = qw.scale.numpy().reshape(rows, -1, n_sub)[..., 0].reshape(-1)
+    dmin = qw.super_min.numpy().reshape(rows, -1, n_sub)[..., 0].reshape(-1)
+    return codes, sc, m, d, dmin
+
+
+def _scales_k4(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Q4_K / Q5_K's 12 scale bytes from 8 six-bit scales and mins per block (n, 8) (gguf-py's get_scale_min
+    read backwards): bytes 0..3 sc[j] | high 2 bits of sc[j + 4] << 6, bytes 4..7 the same for the mins, bytes
+    8..11 low nibbles of sc[j + 4] | of m[j + 4] << 4."""
+    sc, m = sc.astype(np.uint8), m.astype(np.uint8)
+    a = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    b = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+    c = (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4)
+    return np.concatenate([a, b, c], axis=1).astype(np.uint8)
+
+
+def _nibbles_k(q: np.ndarray) -> np.ndarray:
+    """(n, 256) values 0..15 -> (n, 128): byte 32 c + l holds element 64 c + l low, 64 c + 32 + l high."""
+    n = q.shape[0]
+    q = q.reshape(n, 4, 2, 32).astype(np.uint8)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, 128)
+
+
+class _KType(BlockType):
+    """A K-quant holding its own K grid (winq.kquant) exactly: rows of whole super-blocks, groups of its sub-block."""
+
+    max_bits = 8
+
+    @classmethod
+    def fits(cls, qw):
+        return qw.shape[1] % QK == 0 and qw.spec.kquant is not None and qw.group_size == qw.spec.kquant.sub
+
+    @classmethod
+    def can_hold(cls, grid, bits):
+        return grid == cls.name
+
+    @classmethod
+    def _encode(cls, qw, mul, name):
+        return _rows(cls.pack_k(*_kfields(qw)), qw.shape[0]), "native (trained sub-block scales)"
+
+
+@register
+class Q4_K(_KType):
+    name, ggml, file_type, code_bits = "q4_k", GGMLQuantizationType.Q4_K, LlamaFileType.MOSTLY_Q4_K_M, 4
+
+    @staticmethod
+    def pack_k(q, sc, m, d, dmin):
+        """d, dmin f16, scales[12], qs[128]: x = d sc q - dmin m per 32."""
+        return np.concatenate([_f16(d[:, None]), _f16(dmin[:, None]), _scales_k4(sc, m), _nibbles_k(q)], axis=1)
+
+
+@register
+class Q5_K(_KType):
+    name, ggml, file_type, code_bits = "q5_k", GGMLQuantizationType.Q5_K, LlamaFileType.MOSTLY_Q5_K_M, 5
+
+    @staticmethod
+    def pack_k(q, sc, m, d, dmin):
+        """d, dmin f16, scales[12], qh[32] (bit j of byte l: the high bit of element 32 j + l), qs[128]."""
+        n = q.shape[0]
+        hi = ((q >> 4) & 1).astype(np.uint8).reshape(n, 8, 32)
+        qh = np.zeros((n, 32), dtype=np.uint8)
+        for j in range(8):
+            qh |= (hi[:, j] << j).astype(np.uint8)
+        return np.concatenate([_f16(d[:, None]), _f16(dmin[:, None]), _scales_k4(sc, m), qh,
+                               _nibbles_k(q & 15)], axis=1)
+
+
+@register
+class Q6_K(_KType):
+    name, ggml, file_type, code_bits = "q6_k", GGMLQuantizationType.Q6_K, LlamaFileType.MOSTLY_Q6_K, 6
+
+    @staticmethod
+    def pack_k(q, sc, m, d, dmin):
+        """ql[128], qh[64], scales[16] int8, d f16: x = d sc (q - 32) per 16."""
+        return pack_q6_k(q, sc, d)
+
+
+@register
+class Q5_0(BlockType):
+    """llama.cpp's Q5_0: per 32 weights d f16, qh (the 32 high bits, little-endian), qs[16] as Q4_0; d (q - 16)."""
+
+    name, ggml, file_type, code_bits = "q5_0", GGMLQuantizationType.Q5_0, LlamaFileType.MOSTLY_Q5_0, 5
+    grids, max_bits = ("lsq", "seq", "ternary", "binary", "affine"), 5
+
+    @staticmethod
+    def pack(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """q 0..31 (rows, cols), d float16 (rows, cols // 32) -> uint8 (rows, cols // 32 * 22)."""
+        rows = q.shape[0]
+        b = _blocks(q.astype(np.uint8), 32)
+        qh = np.packbits((b >> 4) & 1, axis=-1, bitorder="little")  # (n, 4): bit j = high bit of element j
+        return _rows(np.concatenate([_f16(d), qh, _nibbles32(b & 15)], axis=1), rows)
+
+    @classmethod
+    def _encode(cls, qw, mul, name):
+        q, d = _levels_at(qw, mul, 16, 0, 31, name)
+        native = qw.grid == "lsq" and qw.bits == 5
+        desc = "native" if native else f"q' = {mul}(q - z) + 16" + (f", d = s/{mul}" if mul > 1 else "")
+        return cls.pack(q.numpy(), _per_block(d, qw, 32)), desc
 
 
 ORDER = tuple(sorted(TYPES, key=lambda t: TYPES[t].bits_per_weight()))  # tightest first
@@ -483,13 +622,20 @@ def encode_q6_k(x: np.ndarray) -> np.ndarray:
     sc = np.clip(np.rint(scale / np.where(d32 != 0, d32, 1.0)[:, None]), -128, 127).astype(np.int8)
     eff = d32[:, None] * sc.astype(np.float32)  # (n, 16): the scale a reader applies
     inv = np.where(eff != 0, 1.0 / np.where(eff != 0, eff, 1.0), 0.0)
-    q = (np.clip(np.rint(sub * inv[..., None]), -32, 31) + 32).astype(np.uint8).reshape(n, 2, 128)  # (n, h, r)
+    q = (np.clip(np.rint(sub * inv[..., None]), -32, 31) + 32).astype(np.uint8).reshape(n, 256)
+    return _rows(pack_q6_k(q, sc, d), rows)
+
+
+def pack_q6_k(q: np.ndarray, sc: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Q6_K blocks (n, 210) from codes q 0..63 (n, 256), int8 scales sc (n, 16) and d float16 (n,)."""
+    n = q.shape[0]
+    q = q.astype(np.uint8).reshape(n, 2, 128)  # (n, h, r)
     low, high = q & 15, q >> 4
     ql = (low[:, :, :64] | (low[:, :, 64:] << 4)).reshape(n, 128)
     hi = high.reshape(n, 2, 4, 32)  # (n, h, s, l)
     qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(n, 64)
-    out = np.concatenate([ql, qh, sc.view(np.uint8), _f16(d[:, None])], axis=1)
-    return _rows(out.astype(np.uint8), rows)
+    out = np.concatenate([ql, qh, sc.astype(np.int8).view(np.uint8), _f16(np.asarray(d)[:, None])], axis=1)
+    return out.astype(np.uint8)
 
 
 def decode_float(blocks: np.ndarray, keep: str, shape) -> np.ndarray:
@@ -528,9 +674,11 @@ def permute_rows(x, n_head: int):
 
 
 def permute_qw(qw: QuantizedWeight, n_head: int) -> QuantizedWeight:
-    return QuantizedWeight(permute_rows(qw.codes, n_head), permute_rows(qw.scale, n_head),
-                           permute_rows(qw.zero, n_head),
-                           qw.grid, qw.bits, qw.group_size)
+    def perm(t):
+        return permute_rows(t, n_head) if t is not None else None
+
+    return QuantizedWeight(perm(qw.codes), perm(qw.scale), perm(qw.zero), qw.grid, qw.bits, qw.group_size,
+                           perm(qw.sub_scale), perm(qw.sub_min), perm(qw.super_min))
 
 
 # ---------------------------------------------------------------------------------------------
