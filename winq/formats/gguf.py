@@ -217,23 +217,31 @@ class Q8_0(BlockType):
         return cls.pack(q.numpy(), _per_block(d, qw, 32)), desc
 
 
+class _Offset32(BlockType):
+    """Q4_0 / Q5_0: per 32 weights d f16 and codes q' = m (q - z) + offset, value d (q' - offset); native for lsq of
+    the type's own width (offset 2^(b-1))."""
+
+    grids = ("lsq", "seq", "ternary", "binary", "affine")
+
+    @classmethod
+    def _encode(cls, qw, mul, name):
+        offset = 2 ** (cls.code_bits - 1)
+        q, d = _levels_at(qw, mul, offset, 0, 2 * offset - 1, name)
+        native = qw.grid == "lsq" and qw.bits == cls.code_bits
+        desc = "native" if native else f"q' = {mul}(q - z) + {offset}" + (f", d = s/{mul}" if mul > 1 else "")
+        return cls.pack(q.numpy(), _per_block(d, qw, 32)), desc
+
+
 @register
-class Q4_0(BlockType):
+class Q4_0(_Offset32):
     name, ggml, file_type, code_bits = "q4_0", GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0, 4
-    grids, max_bits = ("lsq", "seq", "ternary", "binary", "affine"), 4
+    max_bits = 4
 
     @staticmethod
     def pack(q: np.ndarray, d: np.ndarray) -> np.ndarray:
         """q 0..15 (rows, cols), d float16 (rows, cols // 32) -> uint8 (rows, cols // 32 * 18)."""
         rows = q.shape[0]
         return _rows(np.concatenate([_f16(d), _nibbles32(_blocks(q.astype(np.uint8), 32))], axis=1), rows)
-
-    @classmethod
-    def _encode(cls, qw, mul, name):
-        q, d = _levels_at(qw, mul, 8, 0, 15, name)
-        native = qw.grid == "lsq" and qw.bits == 4
-        desc = "native" if native else f"q' = {mul}(q - z) + 8" + (f", d = s/{mul}" if mul > 1 else "")
-        return cls.pack(q.numpy(), _per_block(d, qw, 32)), desc
 
 
 @register
@@ -497,11 +505,11 @@ class Q6_K(_KType):
 
 
 @register
-class Q5_0(BlockType):
+class Q5_0(_Offset32):
     """llama.cpp's Q5_0: per 32 weights d f16, qh (the 32 high bits, little-endian), qs[16] as Q4_0; d (q - 16)."""
 
     name, ggml, file_type, code_bits = "q5_0", GGMLQuantizationType.Q5_0, LlamaFileType.MOSTLY_Q5_0, 5
-    grids, max_bits = ("lsq", "seq", "ternary", "binary", "affine"), 5
+    max_bits = 5
 
     @staticmethod
     def pack(q: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -510,13 +518,6 @@ class Q5_0(BlockType):
         b = _blocks(q.astype(np.uint8), 32)
         qh = np.packbits((b >> 4) & 1, axis=-1, bitorder="little")  # (n, 4): bit j = high bit of element j
         return _rows(np.concatenate([_f16(d), qh, _nibbles32(b & 15)], axis=1), rows)
-
-    @classmethod
-    def _encode(cls, qw, mul, name):
-        q, d = _levels_at(qw, mul, 16, 0, 31, name)
-        native = qw.grid == "lsq" and qw.bits == 5
-        desc = "native" if native else f"q' = {mul}(q - z) + 16" + (f", d = s/{mul}" if mul > 1 else "")
-        return cls.pack(q.numpy(), _per_block(d, qw, 32)), desc
 
 
 ORDER = tuple(sorted(TYPES, key=lambda t: TYPES[t].bits_per_weight()))  # tightest first
