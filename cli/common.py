@@ -79,3 +79,57 @@ def backend_help() -> str:
 
     # help is rich markup: escaped, `pip install "winq[gptq]"` shows its [gptq]
     return escape("comma-separated: " + " | ".join(one(b) for b in BACKENDS.values()))
+
+
+def config_options(*classes, after: str):
+    """Decorator: give a command one option per command-line field of the config dataclasses `classes` (fields made
+    with winq.config.option), placed after its parameter `after`, each with the field's default, help and flag. The
+    command takes them as **config; `build_configs(config, *classes)` turns them back into the dataclasses. So the
+    options, their defaults and their help have one source: the dataclasses."""
+    import dataclasses
+    import inspect
+    import typing
+
+    def param(f, hints) -> inspect.Parameter:
+        meta = f.metadata
+        kind = meta["cli_type"] or hints[f.name]
+        default = f.default if meta["parse"] is None else str(f.default)
+        opt = typer.Option(meta["flag"] or "--" + f.name.replace("_", "-"), help=meta["help"])
+        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                 annotation=Annotated[kind, opt])
+
+    def wrap(fn):
+        sig = inspect.signature(fn)
+        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        names = [p.name for p in own]
+        generated = [param(f, typing.get_type_hints(c)) for c in classes for f in dataclasses.fields(c)
+                     if f.metadata.get("cli")]
+        clash = {p.name for p in generated} & set(names)
+        if clash or after not in names:
+            raise TypeError(f"config_options on {fn.__name__}: clashing {sorted(clash)} or no parameter {after!r}")
+        at = names.index(after) + 1
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        params = own[:at] + generated + own[at:]
+        fn.__signature__ = sig.replace(parameters=params)
+        fn.__annotations__ = {p.name: p.annotation for p in params}
+        return fn
+
+    return wrap
+
+
+def build_configs(values: dict, *classes):
+    """The config dataclasses from a command's **config (see config_options), each field's text parsed where the
+    field names a parser (winq.config.PARSERS)."""
+    import dataclasses
+
+    from winq.config import PARSERS
+
+    out_ = []
+    for c in classes:
+        kw = {}
+        for f in dataclasses.fields(c):
+            if f.name in values:
+                v = values[f.name]
+                kw[f.name] = PARSERS[f.metadata["parse"]](v) if f.metadata.get("parse") else v
+        out_.append(c(**kw))
+    return out_

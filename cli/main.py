@@ -16,117 +16,22 @@ from rich.table import Table
 from winq.config import QuantConfig, TrainConfig
 from winq.data import DEFAULT_DATA
 
-from .common import DataOpt, JsonOpt, ModelOpt, ThreadsOpt, _run, app, backend_help, err, note, out
-
-
-Q, T = QuantConfig(), TrainConfig()  # the one source of training defaults: every option below takes its default here
+from .common import (DataOpt, JsonOpt, ModelOpt, ThreadsOpt, _run, app, backend_help, build_configs, config_options,
+                     err, note, out)
 
 
 @app.command()
+@config_options(QuantConfig, TrainConfig, after="data")
 def train(
     model: ModelOpt = None,
     data: Annotated[str, typer.Option("--data", help="training text: ptb | sotu | generated (sampled from the model) | "
                                       "a .txt/.jsonl file or folder | a mixture a+b in equal shares (the default: "
                                       "PTB news, State of the Union speeches and the model's own text)")]
     = DEFAULT_DATA,
-    bits: Annotated[int, typer.Option(help="weight bits: 1, 2, 3, 4, 5, 6 (q6_k) or 8")] = Q.bits,
-    grid: Annotated[
-        Optional[str],
-        typer.Option(
-            help="lsq | seq | ternary | binary | affine | nl4 | q2_k | q3_k | q4_k | q5_k | q6_k (default: seq for 2 "
-            "bits, lsq for 3/4/5/8, binary for 1; nl4: llama.cpp's IQ4_NL levels, group 32; q*_k: llama.cpp's K-quants "
-            "with their sub-block scales trained, exported exactly; see --recipe)"
-        ),
-    ] = None,
-    recipe: Annotated[Optional[str], typer.Option(help="per-tensor K-quant mix, as llama.cpp's: q4_k_m | q5_k_m "
-                                                  "(attn_v and ffn_down in Q6_K on some layers) | q2_k | q3_k | q4_k "
-                                                  "| q5_k | q6_k; sets --grid, --bits and --group-size per layer "
-                                                  "(rows not a multiple of 256 take llama.cpp's fallback type)")]
-    = Q.recipe,
-    group_size: Annotated[
-        int, typer.Option("--group-size", help="weights per scale: 32 is GGUF's Q4_0/IQ4_NL/Q8_0 block (and a GPTQ "
-                          "and MatMulNBits group); -1: one scale per row; else a divisor of every in_features")
-    ] = Q.group_size,
-    init: Annotated[str, typer.Option(help="step-0 quantizer: gptq (calibrated scale search + GPTQ error "
-                                      "compensation) | search (calibrated scale search) | max (the WinQ reference: "
-                                      "max|W| per group)")] = Q.init,
-    calib_tokens: Annotated[int, typer.Option("--calib-tokens", help="calibration tokens of --init gptq/search")]
-    = Q.calib_tokens,
     calib_data: Annotated[Optional[str], typer.Option("--calib-data", help="calibration text (default: --data)")]
     = None,
-    embed: Annotated[str, typer.Option(help="token embeddings: q8_0 (on Q8_0's lattice and frozen: exported as Q8_0 "
-                                       "exactly, the size of llama.cpp's Q4_0 files) | float (trained, F16 in GGUF)")]
-    = Q.embed,
-    distill: Annotated[float, typer.Option(help="weight of the KL divergence to the float teacher in the loss (the "
-                                           "rest is cross-entropy): 1 pure distillation, 0 off")] = T.distill,
     teacher: Annotated[Optional[str], typer.Option(help="teacher model folder for --distill (default: the float "
                                                    "model being quantized); must share its vocabulary")] = None,
-    keep_best: Annotated[bool, typer.Option("--keep-best/--keep-last", help="write the evaluated state with the "
-                                            "lowest held-out KL (loss without a teacher), step 0 included")]
-    = T.keep_best,
-    method: Annotated[str, typer.Option(help="winq (reset + noise) or qat (the ParetoQ baseline)")] = T.method,
-    steps: Annotated[int, typer.Option(help="optimizer steps")] = T.steps,
-    lr: Annotated[float, typer.Option(help="peak AdamW learning rate of the latent weights (cosine schedule, 5% "
-                                      "warm-up)")] = T.lr,
-    scale_lr: Annotated[Optional[float], typer.Option("--scale-lr", help="peak learning rate of the scales "
-                                                      "(default: --lr)")] = T.scale_lr,
-    reinit_every: Annotated[
-        str,
-        typer.Option(
-            "--reinit-every",
-            help="when to reset: auto (when --reinit-trigger fires; the default), a period in steps, or -1 "
-            "(a quarter of --steps, the reference's ratio)",
-        ),
-    ] = str(T.reinit_every),
-    reinit_trigger: Annotated[
-        str,
-        typer.Option(
-            "--reinit-trigger",
-            help="with --reinit-every auto: travel (weights moved --reinit-travel steps) "
-            "or plateau (flip rate fell to --reinit-flip of its peak)",
-        ),
-    ] = T.reinit_trigger,
-    reinit_travel: Annotated[
-        float, typer.Option("--reinit-travel", help="travel trigger: mean |W - W_at_reset| in median steps")
-    ] = T.reinit_travel,
-    reinit_flip: Annotated[
-        float, typer.Option("--reinit-flip", help="plateau trigger: smoothed flip rate / its peak since the last reset")
-    ] = T.reinit_flip,
-    reinit_min_steps: Annotated[
-        int, typer.Option("--reinit-min-steps", help="adaptive triggers: at least this many steps between resets")
-    ] = T.reinit_min_steps,
-    reinit_alpha: Annotated[float, typer.Option("--reinit-alpha", help="reset W <- a W + (1 - a) Q(W)")]
-    = T.reinit_alpha,
-    noise_sigma: Annotated[
-        float, typer.Option("--noise-sigma", help="std of the training noise on weights and scales")
-    ] = T.noise_sigma,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="tokens per training sequence")] = T.seq_len,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="sequences per micro-batch (per process)")]
-    = T.batch_size,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", help="micro-batches per optimizer step")] = T.grad_accum,
-    precision: Annotated[str, typer.Option(help="fp32 | bf16")] = T.precision,
-    seed: Annotated[int, typer.Option(help="random seed (data order, noise, calibration sample)")] = T.seed,
-    save_every: Annotated[
-        int, typer.Option("--save-every", help="save a resumable checkpoint every N steps (0: only at the end)")
-    ] = T.save_every,
-    eval_every: Annotated[int, typer.Option("--eval-every", help="held-out loss (and KL to the teacher) every N "
-                                            "steps (0: never)")] = T.eval_every,
-    eval_batches: Annotated[int, typer.Option("--eval-batches", help="held-out batches per periodic eval")]
-    = T.eval_batches,
-    quantize_lm_head: Annotated[
-        bool, typer.Option("--quantize-lm-head", help="quantize the output projection too")
-    ] = Q.quantize_lm_head,
-    act_quant: Annotated[
-        str,
-        typer.Option(
-            "--act-quant",
-            help="train on a runtime's 8-bit activations (straight-through gradient): none (default) | q8_0 "
-            "(llama.cpp Q4_0/Q8_0) | q8_k (llama.cpp K/TQ types) | ort_int8[:block] (onnxruntime accuracy level 4, "
-            "block 32 by default) | llamacpp (per layer, the scheme of the GGUF type `winq export --format gguf` "
-            "picks for it: e.g. q8_0 for Q4_0 containers, q8_k for Q2_K); recorded in winq.json, checked by the "
-            "exporters",
-        ),
-    ] = T.act_quant,
     out: Annotated[Path, typer.Option(help="checkpoint folder to write")] = Path("runs/winq"),
     resume: Annotated[bool, typer.Option(help="continue the run saved in --out (its saved settings are used)")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing checkpoint in --out")] = False,
@@ -142,62 +47,20 @@ def train(
             "(0: never; costs probes x steps HVPs, see `winq hessian`)",
         ),
     ] = 0,
+    **config,
 ):
-    """Quantization-aware training (WinQ or plain QAT); writes a checkpoint folder to --out."""
-    from winq.errors import ConfigError
+    """Quantization-aware training (WinQ or plain QAT); writes a checkpoint folder to --out. Every option between
+    --data and --calib-data is a field of winq.QuantConfig or winq.TrainConfig, with that field's default."""
     from winq.train import train as run_train
 
     def go():
-        qcfg = QuantConfig(bits=bits, grid=grid, group_size=group_size, quantize_lm_head=quantize_lm_head, init=init,
-                           calib_tokens=calib_tokens, embed=embed, recipe=recipe)
-        try:
-            every = reinit_every if reinit_every == "auto" else int(reinit_every)
-        except ValueError:
-            raise ConfigError(
-                f"--reinit-every {reinit_every!r}: use -1 (a quarter of --steps), a positive number of steps or auto"
-            ) from None
-        tcfg = TrainConfig(
-            method=method,
-            steps=steps,
-            lr=lr,
-            scale_lr=scale_lr,
-            distill=distill,
-            keep_best=keep_best,
-            reinit_every=every,
-            reinit_alpha=reinit_alpha,
-            reinit_trigger=reinit_trigger,
-            reinit_travel=reinit_travel,
-            reinit_flip=reinit_flip,
-            reinit_min_steps=reinit_min_steps,
-            noise_sigma=noise_sigma,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            precision=precision,
-            seed=seed,
-            save_every=save_every,
-            eval_every=eval_every,
-            eval_batches=eval_batches,
-            act_quant=act_quant,
-        )
+        qcfg, tcfg = build_configs(config, QuantConfig, TrainConfig)
         from winq.checkpoint import is_checkpoint
 
         if resume and is_checkpoint(out):
             err.print(f"resuming {out}: the run's saved settings are used")
-        return run_train(
-            model,
-            data,
-            qcfg,
-            tcfg,
-            out,
-            resume=resume,
-            overwrite=overwrite,
-            progress=progress,
-            threads=threads,
-            hessian_every=hessian_every,
-            teacher=teacher,
-            calib_data=calib_data,
-        )
+        return run_train(model, data, qcfg, tcfg, out, resume=resume, overwrite=overwrite, progress=progress,
+                         threads=threads, hessian_every=hessian_every, teacher=teacher, calib_data=calib_data)
 
     res = _run(go)
     loss = f"final loss {res.final_loss:.4f}" if res.final_loss is not None else "already complete: no steps run"

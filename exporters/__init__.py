@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
+from winq.config import option  # noqa: F401  (the exporters' Options fields: default + CLI help)
 from winq.errors import ConfigError, WinqError
 from winq.formats import manifest
 
@@ -66,11 +67,6 @@ def register(name: str):
         return cls
 
     return deco
-
-
-def option(default, help: str):
-    """A field of an exporter's Options dataclass: its default and the help text of its CLI flag."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)

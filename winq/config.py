@@ -19,6 +19,30 @@ INITS = ("max", "search", "gptq")  # the step-0 quantizers of winq.calibrate
 MIN_CALIB_TOKENS = 512
 
 
+def option(default, help: str, *, flag: str | None = None, cli: bool = True, cli_type=None, parse: str | None = None):
+    """A config field that carries its own help: `winq train`'s options are generated from these fields
+    (cli/common.config_options), so the CLI and the library share one default and one description.
+    flag: the option's spelling (default --field-name); cli=False: a library-only setting; cli_type: the type the
+    command line reads when the field's own type is a union; parse: the name of a PARSERS entry turning that
+    string into the field's value."""
+    meta = {"help": help, "flag": flag, "cli": cli, "cli_type": cli_type, "parse": parse}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def parse_reinit_every(text: str) -> int | str:
+    """--reinit-every's text: auto, or an int."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--reinit-every {text!r}: use -1 (a quarter of --steps), a positive number of steps or "
+                          "auto") from None
+
+
+PARSERS = {"reinit_every": parse_reinit_every}
+
+
 def check_init(init: str) -> None:
     if init not in INITS:
         raise ConfigError(f"init={init!r}: choose one of {', '.join(INITS)}")
@@ -26,18 +50,30 @@ def check_init(init: str) -> None:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    bits: int = 4  # weight bits: 1 (binary), 2 (seq/ternary/affine), 3, 4, 8
-    grid: str | None = None  # lsq | seq | ternary | binary | affine | nl4; None -> the default for `bits`
-    group_size: int = 32  # weights per scale along the input dim: 32 is the block of GGUF's Q4_0 / IQ4_NL / Q8_0
-    #                       containers (and a GPTQ / MatMulNBits group); -1: one scale per output row
-    quantize_lm_head: bool = False  # the output projection stays full precision unless asked
-    skip: tuple[str, ...] = ()  # module-name substrings that stay full precision
-    init: str = "gptq"  # step-0 quantizer (winq.calibrate): max (the WinQ reference) | search | gptq
-    calib_tokens: int = 8192  # calibration tokens (at most) for init search / gptq, from the training data
-    recipe: str | None = None  # per-tensor K-quant mix (winq.recipes: q2_k .. q6_k, q4_k_m, q5_k_m): sets grid,
-    #                            bits and group size per layer; None: every layer in `grid`
-    embed: str = "q8_0"  # token embeddings (and a float lm_head): q8_0 (snapped to Q8_0's lattice, frozen: the
-    #                      GGUF export stores them as Q8_0 exactly, as llama.cpp's Q4_0 files do) | float (trained)
+    """What to quantize. Each field's help is the help of its `winq train` option (cli/common.config_options)."""
+
+    bits: int = option(4, "weight bits: 1, 2, 3, 4, 5, 6 (q6_k) or 8")
+    grid: str | None = option(
+        None, "lsq | seq | ternary | binary | affine | nl4 | q2_k | q3_k | q4_k | q5_k | q6_k (default: seq for 2 "
+        "bits, lsq for 3/4/5/8, binary for 1; nl4: llama.cpp's IQ4_NL levels, group 32; q*_k: llama.cpp's K-quants "
+        "with their sub-block scales trained, exported exactly; see --recipe)")
+    recipe: str | None = option(
+        None, "per-tensor K-quant mix, as llama.cpp's: q4_k_m | q5_k_m (attn_v and ffn_down in Q6_K on some layers) "
+        "| q2_k | q3_k | q4_k | q5_k | q6_k; sets --grid, --bits and --group-size per layer (rows not a multiple of "
+        "256 take llama.cpp's fallback type; winq.recipes)")
+    group_size: int = option(
+        32, "weights per scale along the input dim: 32 is GGUF's Q4_0/IQ4_NL/Q8_0 block (and a GPTQ and MatMulNBits "
+        "group); -1: one scale per row; else a divisor of every in_features")
+    init: str = option(
+        "gptq", "step-0 quantizer (winq.calibrate): gptq (calibrated scale search + GPTQ error compensation) | search "
+        "(calibrated scale search) | max (the WinQ reference: max|W| per group)")
+    calib_tokens: int = option(8192, "calibration tokens (at most) of --init gptq/search, from the calibration text")
+    embed: str = option(
+        "q8_0", "token embeddings (and a float lm_head): q8_0 (on Q8_0's lattice and frozen: exported as Q8_0 "
+        "exactly, the size of llama.cpp's Q4_0 files) | float (trained, F16 in GGUF)")
+    quantize_lm_head: bool = option(False, "quantize the output projection too (it stays full precision unless "
+                                    "asked)", flag="--quantize-lm-head")
+    skip: tuple[str, ...] = option((), "module-name substrings that stay full precision", cli=False)
 
     def __post_init__(self):
         if self.recipe is not None:
@@ -83,42 +119,53 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    method: str = "winq"  # winq (reset + noise) | qat (the ParetoQ baseline: neither)
-    steps: int = 40  # optimizer steps
-    lr: float = 1e-4  # peak learning rate (AdamW) for the latent weights (and the scales unless scale_lr)
-    scale_lr: float | None = None  # learning rate for the learned scales/zeros (None: same as lr)
-    weight_decay: float = 0.0
-    warmup_steps: int = -1  # -1: 5% of steps
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
-    batch_size: int = 2  # sequences per micro-batch (per process)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    seq_len: int = 256  # tokens per sequence
-    # WinQ reset: "auto" (adaptive, winq.schedule; the default: benchmarks/convergence.py found that fixed periods
-    # at short budgets freeze the codes and cost loss), a period in optimizer steps, or -1 for a quarter of `steps`
-    # (the reference's ratio)
-    reinit_every: int | str = "auto"
-    reinit_trigger: str = "travel"  # with reinit_every="auto": travel | plateau (winq.schedule)
-    reinit_travel: float = 1.0  # travel trigger: reset when mean |W - W_reset| reaches this many median steps
-    reinit_flip: float = 0.1  # plateau trigger: reset when the smoothed flip rate falls to this share of its peak
-    reinit_min_steps: int = 10  # adaptive triggers: never sooner than this many steps after the last reset
-    reinit_alpha: float = 0.2  # W <- a W + (1 - a) Q(W)
-    noise_sigma: float = 1e-3  # std of the Gaussian noise on W and on the scale in training forwards
-    precision: str = "fp32"  # fp32 | bf16 (autocast; master weights stay fp32)
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    seed: int = 0
-    log_every: int = 1
-    save_every: int = 0  # 0: save only at the end
-    eval_every: int = 10  # held-out eval every N steps (and at steps 0 and the last); 0: none (keep_best needs it)
-    eval_batches: int = 4  # held-out batches per periodic eval
-    diag_every: int = 1  # code-flip diagnostics (winq.diagnostics) every N steps; 0: off (adaptive resets need them)
-    diag_sample: int = 1_000_000  # latent weights sampled for the diagnostics (all of them in smaller models)
-    distill: float = 1.0  # weight of the KL divergence to the float teacher in the loss, the rest next-token
-    #                       cross-entropy: 1 pure distillation, 0 off (no teacher is loaded)
-    keep_best: bool = True  # with eval_every: the checkpoint holds the evaluated state with the lowest held-out
-    #                         score (KL to the teacher when distilling, else loss), the step-0 state included
-    act_quant: str | dict = "none"  # runtime activation quantizer on the quantized layers' inputs (straight-through):
-    #                          none | q8_0 | q8_k | ort_int8[:block] (winq.actplan.parse_act_quant), or llamacpp:
-    #                          per layer, stored resolved as {"plan": "llamacpp", "layers": {...}} (actplan.plan_record)
+    """How to train. Each field's help is the help of its `winq train` option (cli/common.config_options)."""
+
+    method: str = option("winq", "winq (reset + noise) or qat (the ParetoQ baseline: neither)")
+    steps: int = option(40, "optimizer steps")
+    lr: float = option(1e-4, "peak AdamW learning rate of the latent weights (cosine schedule, 5% warm-up)")
+    scale_lr: float | None = option(None, "peak learning rate of the scales and zeros, in units of a level step "
+                                    "(default: --lr)")
+    weight_decay: float = option(0.0, "AdamW weight decay of the latent weights")
+    warmup_steps: int = option(-1, "linear warm-up steps (-1: 5% of --steps)")
+    min_lr_ratio: float = option(0.0, "the cosine schedule decays to lr * this")
+    batch_size: int = option(2, "sequences per micro-batch (per process)")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    seq_len: int = option(256, "tokens per training sequence")
+    # benchmarks/convergence.py found that fixed periods at short budgets freeze the codes and cost loss: auto
+    reinit_every: int | str = option(
+        "auto", "when to reset: auto (when --reinit-trigger fires; the default), a period in steps, or -1 (a quarter "
+        "of --steps, the reference's ratio)", cli_type=str, parse="reinit_every")
+    reinit_trigger: str = option("travel", "with --reinit-every auto: travel (weights moved --reinit-travel steps) or "
+                                 "plateau (flip rate fell to --reinit-flip of its peak); winq.reset_schedule")
+    reinit_travel: float = option(1.0, "travel trigger: reset when mean |W - W_at_reset| reaches this many median "
+                                  "steps")
+    reinit_flip: float = option(0.1, "plateau trigger: reset when the smoothed flip rate falls to this share of its "
+                                "peak since the last reset")
+    reinit_min_steps: int = option(10, "adaptive triggers: at least this many steps between resets")
+    reinit_alpha: float = option(0.2, "reset W <- a W + (1 - a) Q(W)")
+    noise_sigma: float = option(1e-3, "std of the Gaussian noise on W and the scales in training forwards, in units "
+                                "of a level step")
+    precision: str = option("fp32", "fp32 | bf16 (autocast; master weights stay fp32)")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0: no clipping)")
+    seed: int = option(0, "random seed (data order, noise, calibration sample)")
+    log_every: int = option(1, "metrics.jsonl line every N steps", cli=False)
+    save_every: int = option(0, "save a resumable checkpoint every N steps (0: only at the end)")
+    eval_every: int = option(10, "held-out loss (and KL to the teacher) every N steps, and at step 0 and the last "
+                             "(0: never; --keep-best needs it)")
+    eval_batches: int = option(4, "held-out batches per periodic eval")
+    diag_every: int = option(1, "code-flip diagnostics (winq.diagnostics) every N steps; 0: off (adaptive resets "
+                             "need them)", cli=False)
+    diag_sample: int = option(1_000_000, "latent weights sampled for the diagnostics", cli=False)
+    distill: float = option(1.0, "weight of the KL divergence to the float teacher in the loss (the rest is "
+                            "next-token cross-entropy): 1 pure distillation, 0 off (no teacher is loaded)")
+    keep_best: bool = option(True, "write the evaluated state with the lowest held-out score (KL to the teacher "
+                             "when distilling, else loss), step 0 included", flag="--keep-best/--keep-last")
+    act_quant: str | dict = option(
+        "none", "train on a runtime's 8-bit activations (straight-through gradient): none | q8_0 (llama.cpp "
+        "Q4_0/Q8_0) | q8_k (llama.cpp K/TQ types) | ort_int8[:block] (onnxruntime accuracy level 4, block 32 by "
+        "default) | llamacpp (per layer, the scheme of the GGUF type `winq export --format gguf` picks for it); "
+        "recorded in winq.json, checked by the exporters (stored resolved: winq.actplan.plan_record)", cli_type=str)
 
     def __post_init__(self):
         if self.method not in METHODS:
