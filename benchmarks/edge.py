@@ -26,7 +26,7 @@ Types (`--types`, default all):
 
 Artifacts are built once into $WINQ_CACHE/edge/<shape>-s<seed>/ (each checkpoint in a fresh process,
 whose peak memory is recorded, and removed once its exports are written), then every artifact is
-timed by `winq bench`'s worker (runtime/bench.py: a fresh process per run, a warm-up run of the
+timed by `winq bench`'s worker (runtime/bench/run.py: a fresh process per run, a warm-up run of the
 first prefill length and `--warmup-gen` decode steps, then `--repeats` timed runs): prefill tokens/s at
 each `--prefill` length, decode tokens/s after the first, per-token decode latency p50/p90/p99, load
 time, peak RSS, file size and bits per weight (the whole file over every parameter of the model).
@@ -202,7 +202,7 @@ def build_one(shape_file: str, key: str, variants: list[str], root: str, seed: i
     from winq.config import QuantConfig
     from winq.exporters import export
     from winq.prepare import prepare
-    from winq.runtime.measure import peak_rss_mb
+    from winq.runtime.bench.measure import peak_rss_mb
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -341,7 +341,7 @@ def bench(shape: dict, types: list[str], threads: list[int], seed: int, prefill:
 
     from winq.evaluate import eval_ids
     from winq.runtime.bench import BenchSpec, Job, run_job
-    from winq.runtime.measure import artifact_bytes
+    from winq.runtime.bench.measure import artifact_bytes
 
     root = cache_dir(shape, seed)
     spec = BenchSpec(backends=("llamacpp",), prompt_tokens=max(prefill), gen_tokens=gen_tokens, repeats=repeats)
@@ -387,7 +387,7 @@ def cross_check(shape: dict, types: list[str], threads: list[int], seed: int, pr
                 repeats: int, bench_res: dict, say) -> dict:
     """llama.cpp's own llama-bench on the f16 and q4_0 files (when built), beside winq bench's figures."""
     try:
-        from winq.runtime.llama_bench_run import find_llama_bench, run_llama_bench
+        from winq.runtime.bench.llama import find_llama_bench, run_llama_bench
         find_llama_bench()
     except Exception as e:  # noqa: BLE001 - the cross-check is optional; say why it did not run
         return {"run": False, "reason": f"{type(e).__name__}: {e}"}
@@ -573,7 +573,7 @@ def _place_labels(ax, labels: list[tuple[str, float, float]], height: float = 9.
 
 def write(report: dict, out_json: Path) -> tuple[Path, Path]:
     """results/edge.json and the speed-up plot beside it, each written atomically."""
-    from winq.runtime.bench_report import write_report
+    from winq.runtime.bench.report import write_report
 
     return write_report(report, out_json, plot_fn=plot)
 
@@ -602,7 +602,7 @@ def run_edge(shape_arg: str, types=None, threads=(1, 2), seed: int = 0, prefill=
              llama_bench: bool = True) -> dict:
     """Build and/or time one shape; merge it into `out` (other shapes' entries kept)."""
     from winq.errors import EXTRAS, ConfigError, check_installed
-    from winq.runtime.measure import machine_info
+    from winq.runtime.bench.measure import machine_info
 
     shape = load_shape(shape_arg)
     types = parse_types(",".join(types) if isinstance(types, (list, tuple)) else types)
@@ -659,7 +659,7 @@ def run_edge(shape_arg: str, types=None, threads=(1, 2), seed: int = 0, prefill=
         "settings": {"llamacpp": "llama-cpp-python 0.3.36, F16 KV cache, n_batch = n_ctx, mmap (library defaults)",
                      "ort": "CPUExecutionProvider, intra_op_num_threads = threads, inter_op 1, graph optimization "
                             "ORT_ENABLE_ALL (default), MatMulNBits accuracy_level overridden per row (-acc0/-acc4)",
-                     "timing": "winq bench's worker (runtime/bench.py), a fresh process per row"},
+                     "timing": "winq bench's worker (runtime/bench/run.py), a fresh process per row"},
         "runs": runs, "machine": machine_info(None),
         "build": _build_log(shape, seed), **res, "results": results,
     }

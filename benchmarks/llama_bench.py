@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 from winq.errors import ConfigError, WinqError
-from winq.runtime.llama_bench_run import (BUILD_INFO, LLAMA_CPP_PYTHON, build_root, default_binary,
+from winq.runtime.bench.llama import (BUILD_INFO, LLAMA_CPP_PYTHON, build_root, default_binary,
                                           find_llama_bench, run_llama_bench)
 
 PACKAGE = "llama-cpp-python"

@@ -127,7 +127,7 @@ def bench_cmd(
 
     from winq.exporters import write_float
     from winq.runtime.bench import BenchSpec, run_bench
-    from winq.runtime.bench_report import write_report
+    from winq.runtime.bench.report import write_report
 
     names = tuple(b.strip() for b in backend.split(",") if b.strip())
 

@@ -1,5 +1,5 @@
-"""winq.runtime.bench and the timing loop of winq.runtime.backends: the worker, planning and its refusals, on a tiny
-seeded Llama."""
+"""winq.runtime.bench (run.py, measure.py) and the timing loop (winq.runtime.session): the worker, planning and
+its refusals, on a tiny seeded Llama."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import torch
 
 import winq
 from winq.errors import ConfigError, MissingDependencyError
-from winq.runtime import backends, bench
+from winq.runtime import backends
+from winq.runtime.bench import run as bench
 from winq.runtime.backends import Backend, LoadOptions, Session, TorchSession, get_backend, time_session
-from winq.runtime.bench import BenchError, BenchSpec, artifact_bytes, plan, run_job, worker
+from winq.runtime.bench.measure import artifact_bytes
+from winq.runtime.bench.run import BenchError, BenchSpec, plan, run_job, worker
 
 
 def save_tiny_checkpoint(base: Path, out: Path, bits: int = 4, seed: int = 0) -> Path:

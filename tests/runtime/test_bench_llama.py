@@ -1,4 +1,4 @@
-"""winq.runtime.llama_bench_run: finding llama-bench, its command line, parsing its JSON, and one real run.
+"""winq.runtime.bench.llama (llama-bench): finding llama-bench, its command line, parsing its JSON, and one real run.
 
 data/llama_bench_tiny.json is the stdout of the real binary (built by `python -m winq.benchmarks.llama_bench build`
 from llama-cpp-python 0.3.36's vendored llama.cpp) for the command of FIXTURE_ARGS on a tiny 4-bit llama GGUF
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from winq.errors import ConfigError
-from winq.runtime import llama_bench_run as L
+from winq.runtime.bench import llama as L
 
 DATA = Path(__file__).parent / "data"
 FIXTURE = DATA / "llama_bench_tiny.json"

@@ -1,6 +1,6 @@
 """llama.cpp's own `llama-bench`, as a second opinion on `winq bench`'s llamacpp timings.
 
-    from winq.runtime.llama_bench_run import find_llama_bench, run_llama_bench
+    from winq.runtime.bench.llama import find_llama_bench, run_llama_bench
     find_llama_bench()     # Path of the binary ($WINQ_LLAMA_BENCH, else the cache; ConfigError when missing)
     r = run_llama_bench("runs/winq.gguf", threads=2)   # one llama-bench process, its JSON parsed
     r["prefill"]["avg_ts"], r["decode"]["avg_ts"], r["cmd"], r["settings"]
@@ -106,7 +106,7 @@ def _default_repack() -> bool:
 
     if importlib.util.find_spec("llama_cpp") is None:  # llama-cpp-python is needed only to ask about AMX
         return LLAMA_BENCH_DEFAULTS["repack"]
-    from .llamacpp import has_amx
+    from ..llamacpp import has_amx
 
     return not has_amx()
 

@@ -12,7 +12,7 @@ What is measured, per backend (ARCHITECTURE §7), by the one timing loop of runt
 - decode tokens/s: greedy generation of `gen_tokens` tokens, one token per forward, feeding
   the argmax back with the KV cache; each step is timed on its own, and `decode_ms` gives the
   per-token latency p50/p90/p99 over every timed step;
-- load seconds and RSS right after loading, peak RSS at the end (runtime/measure.py), and the
+- load seconds and RSS right after loading, peak RSS at the end (runtime/bench/measure.py), and the
   artifact's size on disk (a checkpoint's model.safetensors, a folder's total, a file).
 
 Method: every backend runs in a fresh `python -m winq.runtime.bench` worker process (one JSON
@@ -43,9 +43,10 @@ from typing import Callable
 
 from winq.errors import EXTRAS, ConfigError, WinqError, check_installed
 
-from .backends import BACKENDS, NAMES, artifact_of, get_backend, parse_names, resolve_artifact
+from ..backends import BACKENDS, NAMES, artifact_of, get_backend, parse_names, resolve_artifact
+from ..session import LoadOptions, time_session
 from .measure import artifact_bytes, machine_info, peak_rss_mb, rss_mb, ru_maxrss_mb
-from .session import LoadOptions, time_session
+
 
 RESULT_TAG = "WINQ-BENCH-RESULT "  # the worker's result line (libraries may print on stdout too)
 
@@ -229,7 +230,7 @@ def prompt_ids(spec: BenchSpec, jobs: list[Job]) -> list[int]:
     """The first prompt_tokens ids of the data's split, tokenized by the benchmarked model's tokenizer."""
     from winq.evaluate import eval_ids
 
-    from .backends import tokenizer_for
+    from ..backends import tokenizer_for
 
     tok = tokenizer_for([spec.checkpoint] + [j.artifact for j in jobs])
     ids = eval_ids(tok, spec.data, spec.split, spec.prompt_tokens)
