@@ -20,7 +20,7 @@ from rich.table import Table
 
 from .common import DataOpt, JsonOpt, ModelOpt, _run, app, backend_help, err, out
 
-KERNELS_MODULE = "winq.benchmarks.kernels"  # benchmarks/kernels.py, installed with winq (pyproject's package-dir)
+KERNELS_MODULE = "winq.benchmarks.unpack_gemm"  # benchmarks/unpack_gemm.py, installed with winq (pyproject's package-dir)
 EDGE_MODULE = "winq.benchmarks.edge"  # benchmarks/edge.py: `winq bench --shape`
 
 
@@ -38,7 +38,7 @@ def _rate(x) -> str:
 
 
 def run_kernels(args: str) -> int:
-    """Run benchmarks/kernels.py (installed as winq.benchmarks.kernels) with the same Python, its own output
+    """Run benchmarks/unpack_gemm.py (installed as winq.benchmarks.unpack_gemm) with the same Python, its own output
     passing through; its exit code."""
     import importlib.util
 
@@ -49,8 +49,8 @@ def run_kernels(args: str) -> int:
     except ValueError as e:
         raise ConfigError(f"--kernel-args {args!r}: {e}") from None
     if importlib.util.find_spec(KERNELS_MODULE) is None:
-        raise ConfigError(f"{KERNELS_MODULE} (benchmarks/kernels.py) is not installed: reinstall winq "
-                          f"(pip install -e .) or run benchmarks/kernels.py from the winq source tree")
+        raise ConfigError(f"{KERNELS_MODULE} (benchmarks/unpack_gemm.py) is not installed: reinstall winq "
+                          f"(pip install -e .) or run benchmarks/unpack_gemm.py from the winq source tree")
     return subprocess.run([sys.executable, "-m", KERNELS_MODULE, *argv]).returncode
 
 
@@ -111,9 +111,9 @@ def bench_cmd(
     prefill: Annotated[str, typer.Option(
         "--prefill", help="with --shape: prefill lengths, comma-separated; decode follows the first")] = "128,512",
     kernels: Annotated[bool, typer.Option(
-        "--kernels", help="run benchmarks/kernels.py (Triton unpack-GEMM vs float16, needs CUDA) instead")] = False,
+        "--kernels", help="run benchmarks/unpack_gemm.py (Triton unpack-GEMM vs float16, needs CUDA) instead")] = False,
     kernel_args: Annotated[str, typer.Option(
-        "--kernel-args", help="arguments passed to benchmarks/kernels.py, e.g. \"--quick\"")] = "",
+        "--kernel-args", help="arguments passed to benchmarks/unpack_gemm.py, e.g. \"--quick\"")] = "",
     as_json: JsonOpt = False,
 ):
     """Prefill and decode tokens/s, load time, memory and size of each backend, each in a fresh process

@@ -226,7 +226,7 @@ def test_no_function_is_longer_than_80_lines():
 
 def test_optional_imports_go_through_require():
     """A missing extra is reported one way (winq.errors.require): no module writes its own ImportError guard. The
-    benchmark scripts are exempt: benchmarks/kernels.py runs from a bare checkout on a GPU machine (without winq
+    benchmark scripts are exempt: benchmarks/unpack_gemm.py runs from a bare checkout on a GPU machine (without winq
     installed), and a missing plotting or llama_cpp package only leaves a figure or a version line out."""
     guards = [f"{f.relative_to(ROOT)}:{i}" for layer in LAYERS if layer != "benchmarks" for f in sources(layer)
               for i, line in enumerate(f.read_text().splitlines(), 1)
@@ -255,12 +255,23 @@ def test_every_third_party_import_is_declared():
 
 def test_the_wheel_holds_every_layer_and_the_kernel_benchmark():
     """pyproject lists each package (a wheel has no other way to find them): winq.formats, and winq.benchmarks
-    so that `winq bench --kernels` runs benchmarks/kernels.py from an installed wheel."""
+    so that `winq bench --kernels` runs benchmarks/unpack_gemm.py from an installed wheel."""
     tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     pkgs = set(tool["packages"])
-    found = {"winq." + ".".join(p.relative_to(ROOT / "winq").parent.parts)
-             for p in (ROOT / "winq").rglob("__init__.py")}
-    assert {"winq.formats", "winq.exporters", "winq.runtime", "winq.runtime.kernels", "winq.cli",
+    found = {".".join([name, *p.relative_to(ROOT / folder).parent.parts])
+             for name, folder in tool["package-dir"].items() for p in (ROOT / folder).rglob("__init__.py")}
+    assert {"winq.formats", "winq.exporters", "winq.runtime", "winq.runtime.bench", "winq.runtime.kernels", "winq.cli",
             "winq.benchmarks"} <= pkgs
-    assert {p.rstrip(".") for p in found} <= pkgs
-    assert tool["package-dir"]["winq.benchmarks"] == "benchmarks" and (ROOT / "benchmarks" / "kernels.py").is_file()
+    assert found <= pkgs, sorted(found - pkgs)
+    assert tool["package-dir"]["winq.benchmarks"] == "benchmarks" and (ROOT / "benchmarks" / "unpack_gemm.py").is_file()
+
+
+def test_no_benchmark_script_shadows_an_installed_module():
+    """`python benchmarks/x.py` puts benchmarks/ first on sys.path, so a script named like an installed top-level
+    module replaces it for everything the script imports (a benchmarks/kernels.py broke transformers, which imports
+    the PyPI package `kernels` when it is installed)."""
+    import importlib.metadata
+
+    installed = set(importlib.metadata.packages_distributions()) | set(sys.stdlib_module_names)
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} - {"__init__"}
+    assert scripts and not scripts & installed, sorted(scripts & installed)

@@ -22,9 +22,11 @@ Two forward paths compute the same W_q bit for bit:
   clamped and rounded copies and W_q itself for the backward (about 20 bytes per weight: the
   default model's training step peaked at 5.5 GB without noise against 3.1 GB for plain fp32
   fine-tuning); the fused layer keeps none of them.
-* everything else (eval, no_grad, the affine grid, the K grids, second derivatives for winq.hessian): the
-  composite expression with straight-through rounding in `fake_weight()` (K grids: winq.kquant.kq_weight, whose
-  sub-block scales are rounded per super-block as the file stores them).
+* training with gradients, K grids (q2_k .. q6_k): the sub-block scales and mins, one value per 16 or 32 weights,
+  through autograd (winq.kquant.sub_scales: rounded per super-block as the file stores them), the per-weight part
+  in one autograd Function (`_KQuantLinear`, the same saving).
+* everything else (eval, no_grad, the affine grid, second derivatives for winq.hessian): the composite expression
+  with straight-through rounding in `fake_weight()` (K grids: winq.kquant.kq_weight).
 """
 
 from __future__ import annotations
@@ -162,14 +164,28 @@ class QuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant is not None:
             x = self.act_quant(x, ste=self.training and torch.is_grad_enabled())
-        if self.training and self.zero_point is None and self.spec.kquant is None and torch.is_grad_enabled():
-            return _FakeQuantLinear.apply(x, self.weight, self.alpha, self.bias, self)
+        if self.training and torch.is_grad_enabled():
+            if self.spec.kquant is not None:
+                return self._kq_train_forward(x)
+            if self.zero_point is None:
+                return _FakeQuantLinear.apply(x, self.weight, self.alpha, self.bias, self)
         w = self.fake_weight(noise=self.training)
         b = self.bias
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
             w = w.to(x.dtype)
             b = b.to(x.dtype) if b is not None else None
         return F.linear(x, w, b)
+
+    def _kq_train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """K grids in training: the sub-block scales S and mins M (out, G) through autograd (small: one value per
+        sub-block, rounded per super-block as stored), the per-weight part fused in _KQuantLinear."""
+        alpha = self.alpha
+        noise = self._noisy()
+        if noise:
+            alpha = torch.add(alpha, self.eps_a, alpha=self.scale_noise_sigma)
+        S, M, _ = kquant.sub_scales(alpha, self.zero_point, self.spec.kquant)
+        return _KQuantLinear.apply(x, self.weight, S, M if self.zero_point is not None else None, self.bias, self,
+                                   noise)
 
     @torch.no_grad()
     def quantized_weight(self) -> QuantizedWeight:
@@ -310,3 +326,92 @@ class _FakeQuantLinear(torch.autograd.Function):
         if gx is not None:
             gx = gx.reshape(x.shape).to(x.dtype)
         return gx, grad_w, grad_a, gb, None
+
+
+class _KQuantLinear(torch.autograd.Function):
+    """y = x W_q^T + b for a K grid, W_q = S q - M per sub-block (winq.kquant.kq_weight's per-weight part), with the
+    sub-block scales S and mins M (out, G) given (autograd computes them and carries their gradient to alpha and mu).
+
+    Saved: x, W, S, M (held anyway or small), the levels as int8 and the clip mask as bool, where autograd over
+    kq_weight keeps (W + M) / S, the clamped, rounded and scaled copies and W_q (float32 each). With
+    X = (W + M) / S (W / S without a min), q = round(clamp(X, lo, hi)), k = [S != 0] (a zero S divides by 1) and
+    G = dL/dW_q = g^T x, the straight-through derivatives of kq_weight are
+        dL/dW = G * k * [lo <= X <= hi]
+        dL/dS = sum_g G * (q - k [lo <= X <= hi] X)
+        dL/dM = sum_g G * (k [lo <= X <= hi] - 1)
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, S, M, bias, layer, noise):
+        fmt = layer.spec.kquant
+        w = weight.float()
+        if noise:
+            w = torch.add(w, layer.eps_w, alpha=layer.noise_sigma)  # the same expression as fake_weight()
+        Sg = S[..., None]
+        Mg = M[..., None] if M is not None else None
+        X = _kq_x(layer._grouped(w), Sg, Mg)
+        lo, hi = fmt.code_range
+        q = torch.clamp(X, lo, hi).round_()
+        mask = (X >= lo) & (X <= hi)
+        wq = Sg * q
+        if Mg is not None:
+            wq = wq - Mg
+        wq = wq.reshape(layer.out_features, layer.in_features)
+        dev = x.device.type
+        ctx.amp = torch.is_autocast_enabled(dev)
+        ctx.amp_dtype = torch.get_autocast_dtype(dev) if ctx.amp else None
+        ctx.layer, ctx.noise, ctx.bias_dtype = layer, noise, bias.dtype if bias is not None else None
+        ctx.draw = layer.noise.draws if noise else None
+        ctx.has_min = M is not None
+        ctx.save_for_backward(x, weight, S, M if M is not None else S.new_zeros(()), q.to(torch.int8), mask)
+        if x.dtype != wq.dtype and not ctx.amp:
+            return F.linear(x, wq.to(x.dtype), bias.to(x.dtype) if bias is not None else None)
+        return F.linear(x, wq, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, S, M, q8, mask = ctx.saved_tensors
+        layer = ctx.layer
+        if ctx.noise and layer.noise.draws != ctx.draw:
+            raise RuntimeError(
+                "WinQ noise was redrawn between a forward and its backward; run one forward per backward"
+            )
+        out_f, in_f = layer.out_features, layer.in_features
+        Sg = S[..., None]
+        Mg = M[..., None] if ctx.has_min else None
+        q = q8.float()
+        wq = Sg * q
+        if Mg is not None:
+            wq = wq - Mg
+        g2 = g.reshape(-1, out_f)  # (N, out)
+        x2 = x.reshape(-1, in_f)  # (N, in)
+        wq2 = wq.reshape(out_f, in_f)
+        with torch.autocast(g.device.type, dtype=ctx.amp_dtype or torch.bfloat16, enabled=ctx.amp):
+            gx = (
+                g2.matmul(wq2 if g2.dtype == wq2.dtype or ctx.amp else wq2.to(g2.dtype))
+                if ctx.needs_input_grad[0]
+                else None
+            )
+            gw_q = g2.t().matmul(x2 if x2.dtype == g2.dtype or ctx.amp else x2.to(g2.dtype))  # (out, in)
+        G = layer._grouped(gw_q.float())  # (out, G, g)
+        inside = mask & (Sg != 0)  # k [lo <= X <= hi]
+        grad_s = grad_m = None
+        if ctx.needs_input_grad[2]:
+            w = weight.float()
+            if ctx.noise:
+                w = torch.add(w, layer.eps_w, alpha=layer.noise_sigma)
+            X = _kq_x(layer._grouped(w), Sg, Mg)
+            grad_s = torch.linalg.vecdot(G, q - X * inside)
+        if ctx.has_min and ctx.needs_input_grad[3]:
+            grad_m = torch.linalg.vecdot(G, inside.float()) - G.sum(-1)
+        grad_w = G.mul_(inside).reshape(out_f, in_f) if ctx.needs_input_grad[1] else None
+        gb = g2.float().sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[4] else None
+        if gx is not None:
+            gx = gx.reshape(x.shape).to(x.dtype)
+        return gx, grad_w, grad_s, grad_m, gb, None, None
+
+
+def _kq_x(w: torch.Tensor, S: torch.Tensor, M: torch.Tensor | None) -> torch.Tensor:
+    """(W + M) / S (W / S without a min) with a zero S taken as 1: winq.kquant.levels' argument, the same ops."""
+    S = torch.where(S == 0, torch.ones_like(S), S)
+    return (w + M) / S if M is not None else w / S

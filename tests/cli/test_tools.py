@@ -171,7 +171,7 @@ def test_bench_kernels_without_cuda_prints_the_scripts_message(capfd):
     r = invoke("bench", "--kernels", "--kernel-args", "--quick")
     assert r.exit_code == 1
     got = capfd.readouterr()
-    assert "benchmarks/kernels.py needs a CUDA GPU" in got.out + got.err
+    assert "benchmarks/unpack_gemm.py needs a CUDA GPU" in got.out + got.err
 
 
 # ---- inspect: GPTQ and checkpoints --------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The step-0 quantizer (winq.calibrate), Q8_0 embeddings, distillation and keep-best (issue: quality)."""
+"""The step-0 quantizer (winq.calibrate), Q8_0 embeddings, distillation and keep-best."""
 
 from __future__ import annotations
 

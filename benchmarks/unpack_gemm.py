@@ -18,12 +18,12 @@ Writes results/kernels.json (device name, versions, every row) and results/kerne
 says so and `--plot-only` draws it later from the JSON).
 
 Runs from a checkout with only torch and triton installed (winq need not be pip-installed), or from
-an installed winq as `python -m winq.benchmarks.kernels` (what `winq bench --kernels` runs; results
+an installed winq as `python -m winq.benchmarks.unpack_gemm` (what `winq bench --kernels` runs; results
 then go to ./results unless --out / --png say otherwise):
 
-    pip install triton && python benchmarks/kernels.py            # full grid, ~10 min on an H100
-    python benchmarks/kernels.py --quick                          # one shape, M 1/16/2048, 4-bit and 3-bit
-    python benchmarks/kernels.py --plot-only                      # redraw the PNG from the JSON
+    pip install triton && python benchmarks/unpack_gemm.py            # full grid, ~10 min on an H100
+    python benchmarks/unpack_gemm.py --quick                          # one shape, M 1/16/2048, 4-bit and 3-bit
+    python benchmarks/unpack_gemm.py --plot-only                      # redraw the PNG from the JSON
 """
 
 from __future__ import annotations
@@ -98,13 +98,13 @@ def best_config(mod, M: int) -> str | None:
 def run(args) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit(
-            "benchmarks/kernels.py needs a CUDA GPU: torch.cuda.is_available() is False "
-            f"(torch {torch.__version__}). Run it on a GPU machine: pip install triton && python benchmarks/kernels.py"
+            "benchmarks/unpack_gemm.py needs a CUDA GPU: torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}). Run it on a GPU machine: pip install triton && python benchmarks/unpack_gemm.py"
         )
     try:
         import triton
     except ImportError:
-        raise SystemExit("benchmarks/kernels.py needs triton: pip install triton (or pip install 'winq[kernels]')")
+        raise SystemExit("benchmarks/unpack_gemm.py needs triton: pip install triton (or pip install 'winq[kernels]')")
     kernels = import_kernels()
     from winq.runtime.kernels import unpack_gemm_kernel as mod
 
@@ -176,7 +176,7 @@ def plot(result: dict, png: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"matplotlib is not installed: skipped {png} (pip install matplotlib; python benchmarks/kernels.py "
+        print(f"matplotlib is not installed: skipped {png} (pip install matplotlib; python benchmarks/unpack_gemm.py "
               "--plot-only)")
         return
     rows = [r for r in result["rows"] if r["kind"] == "triton"]
