@@ -99,7 +99,8 @@ def run(args) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit(
             "benchmarks/unpack_gemm.py needs a CUDA GPU: torch.cuda.is_available() is False "
-            f"(torch {torch.__version__}). Run it on a GPU machine: pip install triton && python benchmarks/unpack_gemm.py"
+            f"(torch {torch.__version__}). Run it on a GPU machine: pip install triton && python "
+            "benchmarks/unpack_gemm.py"
         )
     try:
         import triton

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from .common import DataOpt, JsonOpt, ModelOpt, _run, app, backend_help, err, out
 
-KERNELS_MODULE = "winq.benchmarks.unpack_gemm"  # benchmarks/unpack_gemm.py, installed with winq (pyproject's package-dir)
+KERNELS_MODULE = "winq.benchmarks.unpack_gemm"  # benchmarks/unpack_gemm.py, installed with winq (package-dir)
 EDGE_MODULE = "winq.benchmarks.edge"  # benchmarks/edge.py: `winq bench --shape`
 
 

@@ -147,3 +147,29 @@ def make_arch_dir(path: Path, arch: str, seed: int = 0, pre: str = "gpt-2", **cf
     model.save_pretrained(str(path))
     tok.save_pretrained(str(path))
     return path
+
+
+def fused_and_composite(m, sigma: float, x_shape: tuple) -> tuple[list, list]:
+    """One QuantLinear's training forward + backward (its fused autograd Function) and the same through the
+    composite expression (fake_weight), with WinQ noise `sigma` (the same draw) and seeded x and output gradient.
+    Returns ([y, dx, dW, dalpha, dbias, dzero...] fused, the same composite); both outputs must be equal."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    from winq.noise import NoiseSource
+
+    net = nn.Sequential(m)
+    NoiseSource(net, seed=2)
+    m.noise_sigma = sigma
+    net.train()
+    x = torch.randn(*x_shape, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    gy = torch.randn(*x_shape[:-1], m.out_features, generator=torch.Generator().manual_seed(2))
+    params = [p for p in (m.weight, m.alpha, m.bias, m.zero_point) if p is not None]
+    res = []
+    for forward in (net, lambda x: F.linear(x, m.fake_weight(noise=True), m.bias)):
+        x.grad = None
+        m.zero_grad()
+        y = forward(x)
+        y.backward(gy)
+        res.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in params])
+    return res[0], res[1]

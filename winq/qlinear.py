@@ -299,16 +299,7 @@ class _FakeQuantLinear(torch.autograd.Function):
         _, _, k, m = spec.ste_clip
         out_f, in_f = layer.out_features, layer.in_features
         wq = (S / m if m != 1 else S) * lev8  # (out, G, g) == the forward's W_q
-        g2 = g.reshape(-1, out_f)  # (N, out)
-        x2 = x.reshape(-1, in_f)  # (N, in)
-        wq2 = wq.reshape(out_f, in_f)
-        with torch.autocast(g.device.type, dtype=ctx.amp_dtype or torch.bfloat16, enabled=ctx.amp):
-            gx = (
-                g2.matmul(wq2 if g2.dtype == wq2.dtype or ctx.amp else wq2.to(g2.dtype))
-                if ctx.needs_input_grad[0]
-                else None
-            )
-            gw_q = g2.t().matmul(x2 if x2.dtype == g2.dtype or ctx.amp else x2.to(g2.dtype))  # (out, in)
+        g2, gx, gw_q = _matmul_grads(ctx, g, x, wq.reshape(out_f, in_f))
         G = layer._grouped(gw_q.float())  # (out, G, g), a fresh tensor: updated in place below
         need_a = ctx.needs_input_grad[2]
         term1 = torch.linalg.vecdot(G, wq) if need_a else None  # sum_g G * W_q, before G becomes dL/dW
@@ -383,16 +374,7 @@ class _KQuantLinear(torch.autograd.Function):
         wq = Sg * q
         if Mg is not None:
             wq = wq - Mg
-        g2 = g.reshape(-1, out_f)  # (N, out)
-        x2 = x.reshape(-1, in_f)  # (N, in)
-        wq2 = wq.reshape(out_f, in_f)
-        with torch.autocast(g.device.type, dtype=ctx.amp_dtype or torch.bfloat16, enabled=ctx.amp):
-            gx = (
-                g2.matmul(wq2 if g2.dtype == wq2.dtype or ctx.amp else wq2.to(g2.dtype))
-                if ctx.needs_input_grad[0]
-                else None
-            )
-            gw_q = g2.t().matmul(x2 if x2.dtype == g2.dtype or ctx.amp else x2.to(g2.dtype))  # (out, in)
+        g2, gx, gw_q = _matmul_grads(ctx, g, x, wq.reshape(out_f, in_f))
         G = layer._grouped(gw_q.float())  # (out, G, g)
         inside = mask & (Sg != 0)  # k [lo <= X <= hi]
         grad_s = grad_m = None
@@ -415,3 +397,15 @@ def _kq_x(w: torch.Tensor, S: torch.Tensor, M: torch.Tensor | None) -> torch.Ten
     """(W + M) / S (W / S without a min) with a zero S taken as 1: winq.kquant.levels' argument, the same ops."""
     S = torch.where(S == 0, torch.ones_like(S), S)
     return (w + M) / S if M is not None else w / S
+
+
+def _matmul_grads(ctx, g: torch.Tensor, x: torch.Tensor, wq: torch.Tensor):
+    """The two matmuls of y = x W_q^T's backward, under the forward's autocast: (g as (N, out), dL/dx (None unless
+    asked), dL/dW_q (out, in))."""
+    out_f, in_f = wq.shape
+    g2 = g.reshape(-1, out_f)  # (N, out)
+    x2 = x.reshape(-1, in_f)  # (N, in)
+    with torch.autocast(g.device.type, dtype=ctx.amp_dtype or torch.bfloat16, enabled=ctx.amp):
+        gx = g2.matmul(wq if g2.dtype == wq.dtype or ctx.amp else wq.to(g2.dtype)) if ctx.needs_input_grad[0] else None
+        gw_q = g2.t().matmul(x2 if x2.dtype == g2.dtype or ctx.amp else x2.to(g2.dtype))  # (out, in)
+    return g2, gx, gw_q

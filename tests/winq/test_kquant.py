@@ -115,30 +115,16 @@ def test_fused_training_path_matches_the_composite_one(grid, sigma):
     """Training forwards go through qlinear._KQuantLinear (the per-weight part fused, 2 bytes per weight saved):
     the same output bit for bit as kq_weight's composite expression, the same gradients (x, W, alpha, mu, bias)."""
     from torch import nn
-    from torch.nn import functional as F
 
-    from winq.noise import NoiseSource
+    from tinymodels import fused_and_composite
 
     m = layer(grid, out=8, seed=3)
     m.bias = nn.Parameter(torch.randn(8) * 0.1)
     with torch.no_grad():
         m.weight[3, 5:40] *= 6.0  # weights beyond the clip range of their sub-block
-    net = nn.Sequential(m)
-    NoiseSource(net, seed=2)
-    m.noise_sigma = sigma
-    net.train()
-    x = torch.randn(2, 5, 512, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    gy = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(2))
-    params = [m.weight, m.alpha, m.bias] + ([m.zero_point] if m.zero_point is not None else [])
-    y = net(x)
-    y.backward(gy)
-    fused = [x.grad.clone()] + [p.grad.clone() for p in params]
-    x.grad = None
-    m.zero_grad()
-    y2 = F.linear(x, m.fake_weight(noise=True), m.bias)
-    y2.backward(gy)
-    assert torch.equal(y, y2)
-    for name, a, b in zip(("x", "W", "alpha", "bias", "mu"), fused, [x.grad] + [p.grad for p in params]):
+    fused, composite = fused_and_composite(m, sigma, (2, 5, 512))
+    assert torch.equal(fused[0], composite[0])
+    for name, a, b in zip(("x", "W", "alpha", "bias", "mu"), fused[1:], composite[1:]):
         assert a.abs().sum() > 0, name
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=name)
 

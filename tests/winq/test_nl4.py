@@ -206,27 +206,15 @@ def test_ste_gradient_is_the_finite_difference_of_the_unrounded_forward():
 
 @pytest.mark.parametrize("sigma", [0.0, 1e-3])
 def test_fused_training_path_matches_the_composite_one(sigma):
-    from winq.noise import NoiseSource
+    from tinymodels import fused_and_composite
 
     m = layer(24, 96, seed=6, bias=True)
     with torch.no_grad():
         m.alpha.mul_(0.6)
     assert bool((m.alpha < 0).any()) and bool((m.alpha > 0).any())  # both orientations of the lattice
-    net = nn.Sequential(m)
-    NoiseSource(net, seed=2)
-    m.noise_sigma = sigma
-    net.train()
-    x = torch.randn(2, 7, 96, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    gy = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(2))
-    y = net(x)
-    y.backward(gy)
-    fused = [x.grad.clone(), m.weight.grad.clone(), m.alpha.grad.clone(), m.bias.grad.clone()]
-    x.grad = None
-    m.zero_grad()
-    y2 = F.linear(x, m.fake_weight(noise=True), m.bias)
-    y2.backward(gy)
-    assert torch.equal(y, y2)
-    for name, a, b in zip(("x", "W", "alpha", "bias"), fused, [x.grad, m.weight.grad, m.alpha.grad, m.bias.grad]):
+    fused, composite = fused_and_composite(m, sigma, (2, 7, 96))
+    assert torch.equal(fused[0], composite[0])
+    for name, a, b in zip(("x", "W", "alpha", "bias"), fused[1:], composite[1:]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=name)
 
 
