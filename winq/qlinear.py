@@ -324,12 +324,14 @@ class _KQuantLinear(torch.autograd.Function):
     sub-block scales S and mins M (out, G) given (autograd computes them and carries their gradient to alpha and mu).
 
     Saved: x, W, S, M (held anyway or small), the levels as int8 and the clip mask as bool, where autograd over
-    kq_weight keeps (W + M) / S, the clamped, rounded and scaled copies and W_q (float32 each). With
-    X = (W + M) / S (W / S without a min), q = round(clamp(X, lo, hi)), k = [S != 0] (a zero S divides by 1) and
+    kq_weight keeps (W + M) / S, the clamped, rounded and scaled copies and W_q (float32 each). S and M are expanded
+    to whole (out, in) tensors for the per-weight arithmetic: broadcasting a (out, G, 1) operand over sub-blocks of
+    16 runs several times slower on the CPU than two contiguous operands. With X = (W + M) / S (W / S without a
+    min), q = round(clamp(X, lo, hi)), k = [S != 0] (a zero S divides by 1), in = k [lo <= X <= hi] and
     G = dL/dW_q = g^T x, the straight-through derivatives of kq_weight are
-        dL/dW = G * k * [lo <= X <= hi]
-        dL/dS = sum_g G * (q - k [lo <= X <= hi] X)
-        dL/dM = sum_g G * (k [lo <= X <= hi] - 1)
+        dL/dW = G * in
+        dL/dS = sum_g G * (q - in X) = sum_g G q - (sum_g (dL/dW) W + M sum_g dL/dW) / S
+        dL/dM = sum_g G * (in - 1) = sum_g dL/dW - sum_g G
     """
 
     @staticmethod
@@ -338,16 +340,18 @@ class _KQuantLinear(torch.autograd.Function):
         w = weight.float()
         if noise:
             w = torch.add(w, layer.eps_w, alpha=layer.noise_sigma)  # the same expression as fake_weight()
-        Sg = S[..., None]
-        Mg = M[..., None] if M is not None else None
-        X = _kq_x(layer._grouped(w), Sg, Mg)
+        Mf = _kq_full(layer, M) if M is not None else None
+        zero = S == 0
+        X = torch.div(w + Mf if Mf is not None else w, _kq_full(layer, torch.where(zero, 1.0, S)))  # kquant.levels'
         lo, hi = fmt.code_range
-        q = torch.clamp(X, lo, hi).round_()
-        mask = (X >= lo) & (X <= hi)
-        wq = Sg * q
-        if Mg is not None:
-            wq = wq - Mg
-        wq = wq.reshape(layer.out_features, layer.in_features)
+        c = torch.clamp(X, lo, hi)
+        mask = c == X
+        if bool(zero.any()):
+            mask &= _kq_full(layer, ~zero)
+        q = c.round_()
+        wq = _kq_full(layer, S).mul_(q)
+        if Mf is not None:
+            wq = wq.sub_(Mf)
         dev = x.device.type
         ctx.amp = torch.is_autocast_enabled(dev)
         ctx.amp_dtype = torch.get_autocast_dtype(dev) if ctx.amp else None
@@ -367,36 +371,40 @@ class _KQuantLinear(torch.autograd.Function):
             raise RuntimeError(
                 "WinQ noise was redrawn between a forward and its backward; run one forward per backward"
             )
-        out_f, in_f = layer.out_features, layer.in_features
-        Sg = S[..., None]
-        Mg = M[..., None] if ctx.has_min else None
         q = q8.float()
-        wq = Sg * q
-        if Mg is not None:
-            wq = wq - Mg
-        g2, gx, gw_q = _matmul_grads(ctx, g, x, wq.reshape(out_f, in_f))
-        G = layer._grouped(gw_q.float())  # (out, G, g)
-        inside = mask & (Sg != 0)  # k [lo <= X <= hi]
+        wq = _kq_full(layer, S).mul_(q)
+        if ctx.has_min:
+            wq = wq.sub_(_kq_full(layer, M))
+        g2, gx, gw_q = _matmul_grads(ctx, g, x, wq)
+        G = layer._grouped(gw_q.float())  # (out, G, g), a fresh tensor: updated in place below
         grad_s = grad_m = None
-        if ctx.needs_input_grad[2]:
+        need_s, need_m = ctx.needs_input_grad[2], ctx.has_min and ctx.needs_input_grad[3]
+        gq = torch.linalg.vecdot(G, layer._grouped(q)) if need_s else None  # sum_g G q, before G becomes dL/dW
+        g_sum = G.sum(-1) if need_m else None
+        grad_w = G.mul_(layer._grouped(mask))  # (out, G, g): dL/dW
+        if need_s or need_m:
+            gw_sum = grad_w.sum(-1)
+        if need_s:
             w = weight.float()
             if ctx.noise:
                 w = torch.add(w, layer.eps_w, alpha=layer.noise_sigma)
-            X = _kq_x(layer._grouped(w), Sg, Mg)
-            grad_s = torch.linalg.vecdot(G, q - X * inside)
-        if ctx.has_min and ctx.needs_input_grad[3]:
-            grad_m = torch.linalg.vecdot(G, inside.float()) - G.sum(-1)
-        grad_w = G.mul_(inside).reshape(out_f, in_f) if ctx.needs_input_grad[1] else None
+            inner = torch.linalg.vecdot(grad_w, layer._grouped(w))
+            if ctx.has_min:
+                inner = inner + M * gw_sum
+            grad_s = gq - inner / torch.where(S == 0, 1.0, S)
+        if need_m:
+            grad_m = gw_sum - g_sum
+        grad_w = grad_w.reshape(layer.out_features, layer.in_features) if ctx.needs_input_grad[1] else None
         gb = g2.float().sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[4] else None
         if gx is not None:
             gx = gx.reshape(x.shape).to(x.dtype)
         return gx, grad_w, grad_s, grad_m, gb, None, None
 
 
-def _kq_x(w: torch.Tensor, S: torch.Tensor, M: torch.Tensor | None) -> torch.Tensor:
-    """(W + M) / S (W / S without a min) with a zero S taken as 1: winq.kquant.levels' argument, the same ops."""
-    S = torch.where(S == 0, torch.ones_like(S), S)
-    return (w + M) / S if M is not None else w / S
+def _kq_full(layer, v: torch.Tensor) -> torch.Tensor:
+    """A per-sub-block (out, G) tensor as a contiguous (out, in) one, each value over its sub-block."""
+    g = layer.group_size
+    return v[..., None].expand(*v.shape, g).reshape(layer.out_features, layer.in_features)
 
 
 def _matmul_grads(ctx, g: torch.Tensor, x: torch.Tensor, wq: torch.Tensor):
