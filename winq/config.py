@@ -144,8 +144,8 @@ class TrainConfig:
                                 "peak since the last reset")
     reinit_min_steps: int = option(10, "adaptive triggers: at least this many steps between resets")
     reinit_alpha: float = option(0.2, "reset W <- a W + (1 - a) Q(W)")
-    noise_sigma: float = option(1e-3, "std of the Gaussian noise on W and the scales in training forwards, in units "
-                                "of a level step")
+    noise_sigma: float = option(1e-3, "std of the Gaussian noise added to W in training forwards (the scales get the "
+                                "same std in units of a level step)")
     precision: str = option("fp32", "fp32 | bf16 (autocast; master weights stay fp32)")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0: no clipping)")
     seed: int = option(0, "random seed (data order, noise, calibration sample)")
