@@ -110,9 +110,7 @@ def config_options(*classes, after: str):
         at = names.index(after) + 1
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
         params = own[:at] + generated + own[at:]
-        fn.__signature__ = sig.replace(parameters=params)
-        fn.__annotations__ = {p.name: p.annotation for p in params}
-        return fn
+        return with_parameters(fn, params)
 
     return wrap
 
@@ -133,3 +131,12 @@ def build_configs(values: dict, *classes):
                 kw[f.name] = PARSERS[f.metadata["parse"]](v) if f.metadata.get("parse") else v
         out_.append(c(**kw))
     return out_
+
+
+def with_parameters(fn, params: list):
+    """Give `fn` the signature (and annotations) `params` for typer to read: how generated options reach a command."""
+    import inspect
+
+    fn.__signature__ = inspect.Signature(params)
+    fn.__annotations__ = {p.name: p.annotation for p in params}
+    return fn

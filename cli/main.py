@@ -17,7 +17,7 @@ from winq.config import QuantConfig, TrainConfig
 from winq.data import DEFAULT_DATA
 
 from .common import (DataOpt, JsonOpt, ModelOpt, ThreadsOpt, _run, app, backend_help, build_configs, config_options,
-                     err, note, out)
+                     err, note, out, with_parameters)
 
 
 @app.command()
@@ -368,10 +368,7 @@ def _register_export() -> None:
         for p in inspect.signature(export_cmd, eval_str=True).parameters.values()
         if p.kind != p.VAR_KEYWORD
     ]
-    sig = inspect.Signature(fixed + generated)
-    export_cmd.__signature__ = sig
-    export_cmd.__annotations__ = {p.name: p.annotation for p in sig.parameters.values()}
-    app.command("export")(export_cmd)
+    app.command("export")(with_parameters(export_cmd, fixed + generated))
 
 
 _OWNERS: dict[str, tuple[str, list[str]]] = {}

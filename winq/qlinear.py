@@ -261,9 +261,8 @@ class _FakeQuantLinear(torch.autograd.Function):
     def forward(ctx, x, weight, alpha, bias, layer):
         spec = layer.spec
         noise = layer._noisy()
-        w, a = weight.float(), alpha
+        w, a = _noisy_weight(layer, weight, noise), alpha
         if noise:
-            w = torch.add(w, layer.eps_w, alpha=layer.noise_sigma)  # the same expression as fake_weight()
             a = torch.add(a, layer.eps_a, alpha=layer.scale_noise_sigma)
         A = clamp_alpha(a)[..., None]  # (out, G, 1)
         xq = layer._grouped(w) / A  # (out, G, g)
@@ -273,25 +272,16 @@ class _FakeQuantLinear(torch.autograd.Function):
         wq = (S * lev).reshape(layer.out_features, layer.in_features)
         mask = (xq >= lo) & (xq <= hi)
         lev8 = (lev * m if m != 1 else lev).to(torch.int8)
-        dev = x.device.type
-        ctx.amp = torch.is_autocast_enabled(dev)
-        ctx.amp_dtype = torch.get_autocast_dtype(dev) if ctx.amp else None
-        ctx.layer, ctx.noise, ctx.bias_dtype = layer, noise, bias.dtype if bias is not None else None
-        ctx.draw = layer.noise.draws if noise else None
+        _remember(ctx, x, bias, layer, noise)
         ctx.save_for_backward(x, weight, alpha, lev8, mask)
-        if x.dtype != wq.dtype and not ctx.amp:
-            return F.linear(x, wq.to(x.dtype), bias.to(x.dtype) if bias is not None else None)
-        return F.linear(x, wq, bias)
+        return _linear(ctx, x, wq, bias)
 
     @staticmethod
     def backward(ctx, g):
         x, weight, alpha, lev8, mask = ctx.saved_tensors
         layer = ctx.layer
         spec = layer.spec
-        if ctx.noise and layer.noise.draws != ctx.draw:
-            raise RuntimeError(
-                "WinQ noise was redrawn between a forward and its backward; run one forward per backward"
-            )
+        _check_draw(ctx)
         if ctx.noise:
             alpha = torch.add(alpha, layer.eps_a, alpha=layer.scale_noise_sigma)
         A = clamp_alpha(alpha)[..., None]  # (out, G, 1)
@@ -306,9 +296,7 @@ class _FakeQuantLinear(torch.autograd.Function):
         grad_w = G.mul_(k * S / A).mul_(mask)  # (out, G, g)
         grad_a = None
         if need_a:
-            w = weight.float()
-            if ctx.noise:
-                w = torch.add(w, layer.eps_w, alpha=layer.noise_sigma)
+            w = _noisy_weight(layer, weight, ctx.noise)
             c = spec.scale_factor
             grad_a = (c / S[..., 0]) * term1 - torch.linalg.vecdot(grad_w, layer._grouped(w)) / A[..., 0]
             grad_a = grad_a * (alpha.abs() >= ALPHA_EPS)
@@ -337,9 +325,7 @@ class _KQuantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, S, M, bias, layer, noise):
         fmt = layer.spec.kquant
-        w = weight.float()
-        if noise:
-            w = torch.add(w, layer.eps_w, alpha=layer.noise_sigma)  # the same expression as fake_weight()
+        w = _noisy_weight(layer, weight, noise)
         Mf = _kq_full(layer, M) if M is not None else None
         zero = S == 0
         X = torch.div(w + Mf if Mf is not None else w, _kq_full(layer, torch.where(zero, 1.0, S)))  # kquant.levels'
@@ -352,25 +338,16 @@ class _KQuantLinear(torch.autograd.Function):
         wq = _kq_full(layer, S).mul_(q)
         if Mf is not None:
             wq = wq.sub_(Mf)
-        dev = x.device.type
-        ctx.amp = torch.is_autocast_enabled(dev)
-        ctx.amp_dtype = torch.get_autocast_dtype(dev) if ctx.amp else None
-        ctx.layer, ctx.noise, ctx.bias_dtype = layer, noise, bias.dtype if bias is not None else None
-        ctx.draw = layer.noise.draws if noise else None
+        _remember(ctx, x, bias, layer, noise)
         ctx.has_min = M is not None
         ctx.save_for_backward(x, weight, S, M if M is not None else S.new_zeros(()), q.to(torch.int8), mask)
-        if x.dtype != wq.dtype and not ctx.amp:
-            return F.linear(x, wq.to(x.dtype), bias.to(x.dtype) if bias is not None else None)
-        return F.linear(x, wq, bias)
+        return _linear(ctx, x, wq, bias)
 
     @staticmethod
     def backward(ctx, g):
         x, weight, S, M, q8, mask = ctx.saved_tensors
         layer = ctx.layer
-        if ctx.noise and layer.noise.draws != ctx.draw:
-            raise RuntimeError(
-                "WinQ noise was redrawn between a forward and its backward; run one forward per backward"
-            )
+        _check_draw(ctx)
         q = q8.float()
         wq = _kq_full(layer, S).mul_(q)
         if ctx.has_min:
@@ -385,9 +362,7 @@ class _KQuantLinear(torch.autograd.Function):
         if need_s or need_m:
             gw_sum = grad_w.sum(-1)
         if need_s:
-            w = weight.float()
-            if ctx.noise:
-                w = torch.add(w, layer.eps_w, alpha=layer.noise_sigma)
+            w = _noisy_weight(layer, weight, ctx.noise)
             inner = torch.linalg.vecdot(grad_w, layer._grouped(w))
             if ctx.has_min:
                 inner = inner + M * gw_sum
@@ -417,3 +392,30 @@ def _matmul_grads(ctx, g: torch.Tensor, x: torch.Tensor, wq: torch.Tensor):
         gx = g2.matmul(wq if g2.dtype == wq.dtype or ctx.amp else wq.to(g2.dtype)) if ctx.needs_input_grad[0] else None
         gw_q = g2.t().matmul(x2 if x2.dtype == g2.dtype or ctx.amp else x2.to(g2.dtype))  # (out, in)
     return g2, gx, gw_q
+
+
+def _noisy_weight(layer, weight: torch.Tensor, noise: bool) -> torch.Tensor:
+    """W (+ sigma eps_w when noisy): the same expression as QuantLinear.fake_weight()."""
+    w = weight.float()
+    return torch.add(w, layer.eps_w, alpha=layer.noise_sigma) if noise else w
+
+
+def _remember(ctx, x: torch.Tensor, bias, layer, noise: bool) -> None:
+    """What a fused layer's backward needs besides its saved tensors: autocast state, the layer, the noise draw."""
+    dev = x.device.type
+    ctx.amp = torch.is_autocast_enabled(dev)
+    ctx.amp_dtype = torch.get_autocast_dtype(dev) if ctx.amp else None
+    ctx.layer, ctx.noise, ctx.bias_dtype = layer, noise, bias.dtype if bias is not None else None
+    ctx.draw = layer.noise.draws if noise else None
+
+
+def _linear(ctx, x: torch.Tensor, wq: torch.Tensor, bias) -> torch.Tensor:
+    """The fused layers' output: x W_q^T + b in x's dtype unless autocast decides."""
+    if x.dtype != wq.dtype and not ctx.amp:
+        return F.linear(x, wq.to(x.dtype), bias.to(x.dtype) if bias is not None else None)
+    return F.linear(x, wq, bias)
+
+
+def _check_draw(ctx) -> None:
+    if ctx.noise and ctx.layer.noise.draws != ctx.draw:
+        raise RuntimeError("WinQ noise was redrawn between a forward and its backward; run one forward per backward")
